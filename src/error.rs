@@ -1,0 +1,192 @@
+//! The one place where a failure becomes a `tonic::Status`.
+//!
+//! Domain modules return their own `thiserror` enums with no tonic in them; this module maps each
+//! kind to a gRPC code and attaches a `google.rpc.ErrorInfo` (domain [`DOMAIN`]) whose `reason` is a
+//! stable UPPER_SNAKE name clients switch on. Invalid input also carries a `google.rpc.BadRequest`
+//! naming the field; refused preconditions carry a `google.rpc.PreconditionFailure`.
+//!
+//! Code map: invalid input → INVALID_ARGUMENT; unknown model → NOT_FOUND; already running →
+//! ALREADY_EXISTS; not loaded / snapshot incomplete → FAILED_PRECONDITION; queue full / memory
+//! budget → RESOURCE_EXHAUSTED; draining / hub unreachable → UNAVAILABLE; checksum mismatch →
+//! DATA_LOSS; cancelled → CANCELLED; anything else → INTERNAL with the cause logged and a sanitized
+//! message sent.
+
+use std::collections::HashMap;
+
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+
+/// The `domain` of every ErrorInfo lmx sends.
+pub const DOMAIN: &str = "lmx.v1";
+
+/// Stable `ErrorInfo.reason` values that are not download error codes.
+pub mod reason {
+    pub const INVALID_ARGUMENT: &str = "INVALID_ARGUMENT";
+    pub const NOT_IMPLEMENTED: &str = "NOT_IMPLEMENTED";
+    pub const DRAINING: &str = "DRAINING";
+    pub const INTERNAL: &str = "INTERNAL";
+}
+
+/// One violated precondition: (type, subject, description) as in google.rpc.PreconditionFailure.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Violation {
+    pub kind: String,
+    pub subject: String,
+    pub description: String,
+}
+
+/// A failure as the API reports it. Build one from a domain error (`From` impls below) or with
+/// the constructors, then convert it into a [`Status`].
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    code: Code,
+    reason: &'static str,
+    message: String,
+    metadata: HashMap<String, String>,
+    field: Option<String>,
+    preconditions: Vec<Violation>,
+}
+
+impl ApiError {
+    /// An error with the given code, ErrorInfo reason and message.
+    pub fn new(code: Code, reason: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            reason,
+            message: message.into(),
+            metadata: HashMap::new(),
+            field: None,
+            preconditions: Vec::new(),
+        }
+    }
+
+    /// INVALID_ARGUMENT for `field`, with a BadRequest field violation. The message should name
+    /// the field, the limit and the given value.
+    pub fn invalid_argument(field: &str, message: impl Into<String>) -> Self {
+        let mut err = Self::new(Code::InvalidArgument, reason::INVALID_ARGUMENT, message);
+        err.field = Some(field.to_owned());
+        err.metadata.insert("field".into(), field.to_owned());
+        err
+    }
+
+    /// UNIMPLEMENTED for a capability this build does not have yet.
+    pub fn unimplemented(capability: &str) -> Self {
+        Self::new(
+            Code::Unimplemented,
+            reason::NOT_IMPLEMENTED,
+            format!("{capability} is not implemented by this lmx server yet"),
+        )
+        .with_metadata("capability", capability)
+    }
+
+    /// INTERNAL: logs the full cause chain and sends a sanitized message.
+    pub fn internal(context: &str, err: &(dyn std::error::Error + 'static)) -> Self {
+        let chain = error_chain(err);
+        tracing::error!(error = %chain, "{context}");
+        Self::new(
+            Code::Internal,
+            reason::INTERNAL,
+            format!("{context}; see the server log for details"),
+        )
+    }
+
+    /// Adds an ErrorInfo metadata entry.
+    pub fn with_metadata(mut self, key: &str, value: impl Into<String>) -> Self {
+        self.metadata.insert(key.to_owned(), value.into());
+        self
+    }
+
+    /// Adds a PreconditionFailure violation.
+    pub fn with_violation(mut self, violation: Violation) -> Self {
+        self.preconditions.push(violation);
+        self
+    }
+
+    /// The gRPC code.
+    pub fn code(&self) -> Code {
+        self.code
+    }
+
+    /// The ErrorInfo reason.
+    pub fn reason(&self) -> &'static str {
+        self.reason
+    }
+
+    /// The message sent to the client.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+}
+
+impl From<ApiError> for Status {
+    fn from(err: ApiError) -> Self {
+        let mut details = ErrorDetails::with_error_info(err.reason, DOMAIN, err.metadata);
+        if let Some(field) = &err.field {
+            details.add_bad_request_violation(field.clone(), err.message.clone());
+        }
+        for v in err.preconditions {
+            details.add_precondition_failure_violation(v.kind, v.subject, v.description);
+        }
+        Status::with_error_details(err.code, err.message, details)
+    }
+}
+
+/// "outer: inner: root" for logging.
+pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        out.push_str(": ");
+        out.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_carries_error_info_with_stable_reason_and_domain() {
+        let status: Status = ApiError::unimplemented("model downloads").into();
+        assert_eq!(status.code(), Code::Unimplemented);
+        assert!(status.message().contains("model downloads"));
+        let info = status.get_details_error_info().expect("ErrorInfo attached");
+        assert_eq!(info.reason, "NOT_IMPLEMENTED");
+        assert_eq!(info.domain, DOMAIN);
+        assert_eq!(info.metadata["capability"], "model downloads");
+    }
+
+    #[test]
+    fn invalid_argument_names_the_field_in_bad_request() {
+        let status: Status =
+            ApiError::invalid_argument("max_tokens", "`max_tokens` must be >= 1. Given: 0").into();
+        assert_eq!(status.code(), Code::InvalidArgument);
+        let bad = status
+            .get_details_bad_request()
+            .expect("BadRequest attached");
+        assert_eq!(bad.field_violations[0].field, "max_tokens");
+    }
+
+    #[test]
+    fn internal_errors_hide_the_cause_from_clients() {
+        let io = std::io::Error::other("secret path /root/x");
+        let status: Status = ApiError::internal("reading the cache failed", &io).into();
+        assert_eq!(status.code(), Code::Internal);
+        assert!(!status.message().contains("/root/x"));
+    }
+
+    #[test]
+    fn preconditions_become_precondition_failure_details() {
+        let status: Status = ApiError::new(Code::FailedPrecondition, "SNAPSHOT_INCOMPLETE", "x")
+            .with_violation(Violation {
+                kind: "MISSING_SHARD".into(),
+                subject: "model-00002-of-00003.safetensors".into(),
+                description: "missing".into(),
+            })
+            .into();
+        let pf = status.get_details_precondition_failure().unwrap();
+        assert_eq!(pf.violations[0].r#type, "MISSING_SHARD");
+    }
+}

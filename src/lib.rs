@@ -1,0 +1,28 @@
+//! lmx: a gRPC microservice that pulls language model snapshots from a Hugging Face compatible
+//! hub, proves them complete, and serves token streams from a candle engine.
+//!
+//! Data flows one way: `api` → `manager` → `snapshot` / `engine`. The binary (`src/main.rs`)
+//! parses configuration and calls [`run`]; tests call [`run`] with a listener on 127.0.0.1:0.
+
+pub mod api;
+pub mod config;
+pub mod error;
+pub mod pb;
+pub mod server;
+pub mod telemetry;
+
+use std::future::Future;
+
+use tokio::net::TcpListener;
+
+pub use config::Config;
+
+/// Serves the lmx gRPC API on `listener` until `shutdown` resolves, then drains in-flight calls
+/// (up to `config.drain_timeout`) and returns.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    server::serve(config, listener, shutdown).await
+}
