@@ -1,0 +1,85 @@
+//! Shared test harness: starts the real lmx server in-process on 127.0.0.1:0 and hands out gRPC
+//! channels to it. No fixed ports, no sleeps: the listener is bound before the server runs, so a
+//! client can connect at once.
+
+#![allow(dead_code)]
+
+pub mod tools;
+
+use std::{net::SocketAddr, path::Path};
+
+use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
+use tonic::transport::{Channel, Endpoint};
+
+/// A running server and what it needs to stop.
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub cache: tempfile::TempDir,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl TestServer {
+    /// Starts a server with default configuration and an empty cache folder.
+    pub async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    /// Starts a server after `configure` adjusted the default configuration.
+    pub async fn start_with(configure: impl FnOnce(&mut lmx::Config)) -> Self {
+        let cache = tempfile::tempdir().expect("temp cache dir");
+        let mut config = lmx::Config::new(cache.path().join("hub"));
+        configure(&mut config);
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind 127.0.0.1:0");
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(lmx::run(config, listener, async {
+            let _ = rx.await;
+        }));
+        Self {
+            addr,
+            cache,
+            shutdown: Some(tx),
+            task,
+        }
+    }
+
+    /// The cache folder the server uses.
+    pub fn cache_dir(&self) -> std::path::PathBuf {
+        self.cache.path().join("hub")
+    }
+
+    /// A new connection to the server.
+    pub async fn channel(&self) -> Channel {
+        connect(self.addr).await
+    }
+
+    /// "http://127.0.0.1:PORT".
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Triggers the graceful shutdown and waits for `run` to return.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        (&mut self.task).await.expect("server task panicked")
+    }
+}
+
+/// A gRPC channel to `addr`.
+pub async fn connect(addr: SocketAddr) -> Channel {
+    Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .expect("connect to the test server")
+}
+
+/// The repository root.
+pub fn repo_root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}

@@ -1,0 +1,108 @@
+//! A client in another language against our .proto files: grpcurl (reflection only, no protos)
+//! and a Python grpcio client generated from proto/ at test time.
+
+mod common;
+
+use common::{repo_root, tools, TestServer};
+use tokio::process::Command;
+
+async fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().await.expect("run external tool");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}\nstdout: {stdout}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+#[tokio::test]
+async fn grpcurl_lists_describes_and_checks_health_through_reflection() {
+    let Some(venv) = tools::venv() else { return };
+    let server = TestServer::start().await;
+    let addr = server.addr.to_string();
+    let grpcurl = || {
+        let mut cmd = Command::new(venv.join("bin/grpcurl"));
+        cmd.arg("-plaintext");
+        cmd
+    };
+
+    let list = run(grpcurl().args([&addr, "list"])).await;
+    for service in [
+        "lmx.v1.ModelAdmin",
+        "lmx.v1.Inference",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(
+            list.lines().any(|l| l.trim() == service),
+            "{service} not in:\n{list}"
+        );
+    }
+
+    let describe = run(grpcurl().args([&addr, "describe", "lmx.v1.ModelAdmin"])).await;
+    for rpc in [
+        "DownloadModel",
+        "WatchDownload",
+        "CancelDownload",
+        "VerifyModel",
+        "DeleteModel",
+    ] {
+        assert!(
+            describe.contains(&format!("rpc {rpc}")),
+            "{rpc} not in:\n{describe}"
+        );
+    }
+    let message = run(grpcurl().args([&addr, "describe", "lmx.v1.DownloadProgress"])).await;
+    assert!(
+        message.contains(".google.protobuf.Timestamp started_at"),
+        "{message}"
+    );
+
+    let health = |service: &str| {
+        let body = format!(r#"{{"service":"{service}"}}"#);
+        let mut cmd = grpcurl();
+        cmd.args(["-d", &body, &addr, "grpc.health.v1.Health/Check"]);
+        cmd
+    };
+    assert!(run(&mut health("")).await.contains("\"SERVING\""));
+    assert!(run(&mut health("lmx.v1.Inference"))
+        .await
+        .contains("\"NOT_SERVING\""));
+
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn python_grpcio_client_generated_from_our_protos() {
+    let Some(venv) = tools::venv() else { return };
+    let server = TestServer::start().await;
+    let out = tempfile::tempdir().unwrap();
+    let stdout = run(Command::new(venv.join("bin/python"))
+        .arg(repo_root().join("tests/interop/client.py"))
+        .args(["--target", &server.addr.to_string()])
+        .arg("--proto-dir")
+        .arg(repo_root().join("proto"))
+        .arg("--out")
+        .arg(out.path()))
+    .await;
+    let report: serde_json::Value = serde_json::from_str(stdout.trim()).expect("JSON report");
+
+    assert_eq!(report["health"][""], "SERVING");
+    assert_eq!(report["health"]["lmx.v1.ModelAdmin"], "SERVING");
+    assert_eq!(report["health"]["lmx.v1.Inference"], "NOT_SERVING");
+    for call in ["ListModels", "Generate"] {
+        assert_eq!(report["calls"][call]["code"], "UNIMPLEMENTED", "{report}");
+        assert_eq!(
+            report["calls"][call]["reason"], "NOT_IMPLEMENTED",
+            "{report}"
+        );
+        assert_eq!(report["calls"][call]["domain"], "lmx.v1", "{report}");
+    }
+    assert_eq!(
+        report["enums"]["DOWNLOAD_ERROR_CODE_INCOMPLETE_DOWNLOAD"],
+        1
+    );
+    server.stop().await.unwrap();
+}
