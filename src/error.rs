@@ -14,6 +14,11 @@
 use std::collections::HashMap;
 
 use tonic::{Code, Status};
+
+use crate::{
+    manager::{CacheError, ManagerError},
+    snapshot::{Report, SnapshotError},
+};
 use tonic_types::{ErrorDetails, StatusExt};
 
 /// The `domain` of every ErrorInfo lmx sends.
@@ -25,6 +30,11 @@ pub mod reason {
     pub const NOT_IMPLEMENTED: &str = "NOT_IMPLEMENTED";
     pub const DRAINING: &str = "DRAINING";
     pub const INTERNAL: &str = "INTERNAL";
+    pub const MODEL_NOT_FOUND: &str = "MODEL_NOT_FOUND";
+    pub const REVISION_NOT_FOUND: &str = "REVISION_NOT_FOUND";
+    pub const SNAPSHOT_NOT_FOUND: &str = "SNAPSHOT_NOT_FOUND";
+    pub const SNAPSHOT_UNREADABLE: &str = "SNAPSHOT_UNREADABLE";
+    pub const SNAPSHOT_INCOMPLETE: &str = "SNAPSHOT_INCOMPLETE";
 }
 
 /// One violated precondition: (type, subject, description) as in google.rpc.PreconditionFailure.
@@ -38,7 +48,10 @@ pub struct Violation {
 /// A failure as the API reports it. Build one from a domain error (`From` impls below) or with
 /// the constructors, then convert it into a [`Status`].
 #[derive(Debug, Clone)]
-pub struct ApiError {
+pub struct ApiError(Box<Inner>);
+
+#[derive(Debug, Clone)]
+struct Inner {
     code: Code,
     reason: &'static str,
     message: String,
@@ -50,22 +63,22 @@ pub struct ApiError {
 impl ApiError {
     /// An error with the given code, ErrorInfo reason and message.
     pub fn new(code: Code, reason: &'static str, message: impl Into<String>) -> Self {
-        Self {
+        Self(Box::new(Inner {
             code,
             reason,
             message: message.into(),
             metadata: HashMap::new(),
             field: None,
             preconditions: Vec::new(),
-        }
+        }))
     }
 
     /// INVALID_ARGUMENT for `field`, with a BadRequest field violation. The message should name
     /// the field, the limit and the given value.
     pub fn invalid_argument(field: &str, message: impl Into<String>) -> Self {
         let mut err = Self::new(Code::InvalidArgument, reason::INVALID_ARGUMENT, message);
-        err.field = Some(field.to_owned());
-        err.metadata.insert("field".into(), field.to_owned());
+        err.0.field = Some(field.to_owned());
+        err.0.metadata.insert("field".into(), field.to_owned());
         err
     }
 
@@ -92,34 +105,35 @@ impl ApiError {
 
     /// Adds an ErrorInfo metadata entry.
     pub fn with_metadata(mut self, key: &str, value: impl Into<String>) -> Self {
-        self.metadata.insert(key.to_owned(), value.into());
+        self.0.metadata.insert(key.to_owned(), value.into());
         self
     }
 
     /// Adds a PreconditionFailure violation.
     pub fn with_violation(mut self, violation: Violation) -> Self {
-        self.preconditions.push(violation);
+        self.0.preconditions.push(violation);
         self
     }
 
     /// The gRPC code.
     pub fn code(&self) -> Code {
-        self.code
+        self.0.code
     }
 
     /// The ErrorInfo reason.
     pub fn reason(&self) -> &'static str {
-        self.reason
+        self.0.reason
     }
 
     /// The message sent to the client.
     pub fn message(&self) -> &str {
-        &self.message
+        &self.0.message
     }
 }
 
 impl From<ApiError> for Status {
     fn from(err: ApiError) -> Self {
+        let err = *err.0;
         let mut details = ErrorDetails::with_error_info(err.reason, DOMAIN, err.metadata);
         if let Some(field) = &err.field {
             details.add_bad_request_violation(field.clone(), err.message.clone());
@@ -128,6 +142,85 @@ impl From<ApiError> for Status {
             details.add_precondition_failure_violation(v.kind, v.subject, v.description);
         }
         Status::with_error_details(err.code, err.message, details)
+    }
+}
+
+impl From<CacheError> for ApiError {
+    fn from(err: CacheError) -> Self {
+        let message = err.to_string();
+        match &err {
+            CacheError::InvalidModelId { .. } => Self::invalid_argument("model_id", message),
+            CacheError::InvalidRevision { .. } => Self::invalid_argument("revision", message),
+            CacheError::ModelNotFound { model_id, .. } => {
+                Self::new(Code::NotFound, reason::MODEL_NOT_FOUND, message)
+                    .with_metadata("model_id", model_id)
+            }
+            CacheError::LocalNotFound(_) => {
+                Self::new(Code::NotFound, reason::MODEL_NOT_FOUND, message)
+            }
+            CacheError::RevisionNotFound { revision, .. } => {
+                Self::new(Code::NotFound, reason::REVISION_NOT_FOUND, message)
+                    .with_metadata("revision", revision)
+            }
+            CacheError::SnapshotMissing { commit, .. } => {
+                Self::new(Code::NotFound, reason::SNAPSHOT_NOT_FOUND, message)
+                    .with_metadata("commit", commit)
+            }
+            CacheError::Io { .. } => Self::internal("reading the model cache failed", &err),
+        }
+    }
+}
+
+impl From<SnapshotError> for ApiError {
+    fn from(err: SnapshotError) -> Self {
+        let message = err.to_string();
+        match err {
+            SnapshotError::NotFound(_) => {
+                Self::new(Code::NotFound, reason::SNAPSHOT_NOT_FOUND, message)
+            }
+            SnapshotError::NotADirectory(_) => Self::invalid_argument("model_id", message),
+            SnapshotError::Unreadable { .. } => Self::new(
+                Code::FailedPrecondition,
+                reason::SNAPSHOT_UNREADABLE,
+                message,
+            ),
+            SnapshotError::Incomplete(report) => snapshot_incomplete(&report),
+        }
+    }
+}
+
+/// FAILED_PRECONDITION / SNAPSHOT_INCOMPLETE with one PreconditionFailure violation per error
+/// (type: the problem kind, subject: the file, description: the detail).
+pub fn snapshot_incomplete(report: &Report) -> ApiError {
+    let errors: Vec<_> = report.errors().collect();
+    let mut err = ApiError::new(
+        Code::FailedPrecondition,
+        reason::SNAPSHOT_INCOMPLETE,
+        format!(
+            "snapshot {} is incomplete: {}",
+            report.path.display(),
+            report.summary
+        ),
+    )
+    .with_metadata("path", report.path.display().to_string())
+    .with_metadata("errors", errors.len().to_string());
+    for problem in errors {
+        err = err.with_violation(Violation {
+            kind: problem.kind.name().to_owned(),
+            subject: problem.file.clone(),
+            description: problem.detail.clone(),
+        });
+    }
+    err
+}
+
+impl From<ManagerError> for ApiError {
+    fn from(err: ManagerError) -> Self {
+        match err {
+            ManagerError::Cache(e) => e.into(),
+            ManagerError::Snapshot(e) => e.into(),
+            ManagerError::Task(e) => Self::internal("a background task failed", &e),
+        }
     }
 }
 

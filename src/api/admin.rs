@@ -1,23 +1,37 @@
 //! `lmx.v1.ModelAdmin`: downloads, snapshot verification, load/unload, listing and deletion.
 
+use std::{sync::Arc, time::Instant};
+
 use tonic::{Request, Response, Status};
 
-use super::ResponseStream;
-use crate::{error::ApiError, pb};
+use super::{convert, ResponseStream};
+use crate::{error::ApiError, manager::Manager, pb, snapshot::Mode};
 
 /// Implementation of `lmx.v1.ModelAdmin`.
-#[derive(Debug, Default, Clone)]
-pub struct AdminApi {}
+#[derive(Debug, Clone)]
+pub struct AdminApi {
+    manager: Arc<Manager>,
+}
 
 impl AdminApi {
-    /// The admin API.
-    pub fn new() -> Self {
-        Self {}
+    /// The admin API over `manager`.
+    pub fn new(manager: Arc<Manager>) -> Self {
+        Self { manager }
+    }
+}
+
+fn verify_mode(mode: i32) -> Result<Mode, ApiError> {
+    match pb::VerifyMode::try_from(mode) {
+        Ok(pb::VerifyMode::Unspecified | pb::VerifyMode::Quick) => Ok(Mode::Quick),
+        Ok(pb::VerifyMode::Full) => Ok(Mode::Full),
+        Err(_) => Err(ApiError::invalid_argument(
+            "mode",
+            format!("`mode` must be VERIFY_MODE_QUICK (1) or VERIFY_MODE_FULL (2). Given: {mode}"),
+        )),
     }
 }
 
 const DOWNLOADS: &str = "model downloads";
-const VERIFICATION: &str = "snapshot verification";
 const ENGINE: &str = "the inference engine (model loading)";
 const CATALOG: &str = "the model catalog";
 
@@ -70,9 +84,36 @@ impl pb::model_admin_server::ModelAdmin for AdminApi {
 
     async fn verify_model(
         &self,
-        _request: Request<pb::VerifyModelRequest>,
+        request: Request<pb::VerifyModelRequest>,
     ) -> Result<Response<pb::VerifyModelResponse>, Status> {
-        Err(ApiError::unimplemented(VERIFICATION).into())
+        let request = request.into_inner();
+        let mode = verify_mode(request.mode)?;
+        let started = Instant::now();
+        let verified = self
+            .manager
+            .verify(&request.model_id, &request.revision, mode)
+            .await
+            .map_err(ApiError::from)?;
+        let report = verified.report;
+        tracing::info!(
+            model_id = %request.model_id,
+            complete = report.complete,
+            problems = report.problems.len(),
+            "verified snapshot"
+        );
+        Ok(Response::new(pb::VerifyModelResponse {
+            complete: report.complete,
+            problems: report.problems.iter().map(convert::problem).collect(),
+            path: report.path.display().to_string(),
+            commit_sha: verified.snapshot.commit,
+            format: convert::weight_format(report.format) as i32,
+            files_checked: report.files_checked,
+            bytes_hashed: report.bytes_hashed,
+            summary: report.summary,
+            elapsed: Some(convert::duration(started.elapsed())),
+            mode: convert::verify_mode(mode) as i32,
+            architecture: report.architecture.unwrap_or_default(),
+        }))
     }
 
     async fn load_model(

@@ -13,7 +13,7 @@ mod health;
 pub use drain::Drain;
 pub use health::{ADMIN as ADMIN_SERVICE, INFERENCE as INFERENCE_SERVICE};
 
-use std::{future::Future, time::Duration};
+use std::{future::Future, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use tokio::{net::TcpListener, sync::watch};
@@ -22,6 +22,7 @@ use tonic::transport::{server::TcpIncoming, Server};
 use crate::{
     api::{admin::AdminApi, inference::InferenceApi},
     config::Config,
+    manager::Manager,
     pb,
 };
 
@@ -55,6 +56,7 @@ pub async fn serve(
         .build_v1alpha()
         .context("building the reflection service (v1alpha)")?;
 
+    let manager = Arc::new(Manager::new(config.cache_dir.clone()));
     let drain = Drain::new();
     let router = Server::builder()
         .trace_fn(|req| tracing::info_span!("rpc", method = %req.uri().path()))
@@ -63,7 +65,7 @@ pub async fn serve(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(pb::model_admin_server::ModelAdminServer::new(
-            AdminApi::new(),
+            AdminApi::new(manager),
         ))
         .add_service(pb::inference_server::InferenceServer::new(
             InferenceApi::new(),
