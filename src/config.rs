@@ -38,6 +38,8 @@ pub struct Cli {
 pub enum Command {
     /// Run the gRPC server.
     Serve(ServeArgs),
+    /// Check that a model snapshot is complete, offline (exit 0 complete, 1 incomplete, 2 error).
+    Verify(crate::cli::verify::VerifyArgs),
 }
 
 /// How log lines are written (to stderr).
@@ -65,13 +67,41 @@ pub struct ServeArgs {
     pub drain_timeout: Duration,
 }
 
-/// Where models come from and where they are kept; shared by the server and offline commands.
+/// Where models are kept; shared by the server and offline commands.
 #[derive(Debug, Clone, Args)]
-pub struct HubArgs {
+pub struct CacheArgs {
     /// Model cache folder (Hugging Face cache layout). Default: HF_HUB_CACHE, else HF_HOME/hub,
     /// else ~/.cache/huggingface/hub, as huggingface_hub resolves it.
     #[arg(long, env = "LMX_CACHE_DIR")]
     pub cache_dir: Option<PathBuf>,
+}
+
+impl CacheArgs {
+    /// The cache folder, with huggingface_hub's fallbacks (`env` returns non-empty values only).
+    pub fn resolve(&self, env: &dyn Fn(&str) -> Option<String>) -> PathBuf {
+        self.cache_dir.clone().unwrap_or_else(|| {
+            env("HF_HUB_CACHE")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| hf_home(env).join("hub"))
+        })
+    }
+
+    /// [`CacheArgs::resolve`] against the process environment.
+    pub fn resolve_from_env(&self) -> PathBuf {
+        self.resolve(&process_env)
+    }
+}
+
+/// Reads a non-empty environment variable.
+pub fn process_env(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.is_empty())
+}
+
+/// Where models come from and where they are kept.
+#[derive(Debug, Clone, Args)]
+pub struct HubArgs {
+    #[command(flatten)]
+    pub cache: CacheArgs,
 
     /// Base URL of the model hub (any server speaking the Hugging Face hub protocol).
     /// Default: HF_ENDPOINT, else https://huggingface.co.
@@ -140,8 +170,7 @@ impl Config {
 impl ServeArgs {
     /// Applies the Hugging Face fallbacks from the process environment.
     pub fn resolve(&self) -> Config {
-        let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
-        let hub = self.hub.resolve(&env);
+        let hub = self.hub.resolve(&process_env);
         Config {
             cache_dir: hub.cache_dir,
             hub_endpoint: hub.hub_endpoint,
@@ -163,11 +192,7 @@ impl HubArgs {
     /// Resolves the flags against environment lookups (`env` returns non-empty values only).
     pub fn resolve(&self, env: &dyn Fn(&str) -> Option<String>) -> ResolvedHub {
         let hf_home = hf_home(env);
-        let cache_dir = self.cache_dir.clone().unwrap_or_else(|| {
-            env("HF_HUB_CACHE")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| hf_home.join("hub"))
-        });
+        let cache_dir = self.cache.resolve(env);
         let hub_endpoint = self
             .hub_endpoint
             .clone()
@@ -230,7 +255,7 @@ mod tests {
 
     fn no_flags() -> HubArgs {
         HubArgs {
-            cache_dir: None,
+            cache: CacheArgs { cache_dir: None },
             hub_endpoint: None,
             hf_token: None,
         }
@@ -255,7 +280,9 @@ mod tests {
             );
         }
         let flag = HubArgs {
-            cache_dir: Some("/flag".into()),
+            cache: CacheArgs {
+                cache_dir: Some("/flag".into()),
+            },
             ..no_flags()
         };
         assert_eq!(
@@ -322,7 +349,9 @@ mod tests {
             "1m 30s",
         ])
         .unwrap();
-        let Command::Serve(args) = cli.command;
+        let Command::Serve(args) = cli.command else {
+            panic!("expected serve");
+        };
         assert_eq!(args.drain_timeout, Duration::from_secs(90));
         assert_eq!(args.listen.port(), 0);
         let err = Cli::try_parse_from(["lmx", "serve", "--listen", "nowhere"]).unwrap_err();

@@ -5,11 +5,15 @@
 //! parses configuration and calls [`run`]; tests call [`run`] with a listener on 127.0.0.1:0.
 
 pub mod api;
+pub mod cli;
 pub mod config;
 pub mod error;
+pub mod manager;
 pub mod pb;
 pub mod server;
+pub mod snapshot;
 pub mod telemetry;
+pub mod testing;
 
 use std::future::Future;
 

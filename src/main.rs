@@ -12,6 +12,14 @@ fn main() -> ExitCode {
         eprintln!("lmx: {err:#}");
         return ExitCode::from(2);
     }
+    match cli.command {
+        Command::Serve(args) => run_async(serve(args)),
+        Command::Verify(args) => lmx::cli::verify::run(&args),
+    }
+}
+
+/// Runs a command on a multi-threaded runtime; errors end the process with code 1.
+fn run_async(command: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(err) => {
@@ -19,10 +27,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let result = match cli.command {
-        Command::Serve(args) => runtime.block_on(serve(args)),
-    };
-    match result {
+    match runtime.block_on(command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             tracing::error!(error = format!("{err:#}"), "lmx failed");
