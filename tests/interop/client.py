@@ -69,6 +69,14 @@ def main() -> None:
         except grpc.RpcError as err:
             report["calls"]["ListModels"] = describe_error(err)
 
+        try:
+            reply = admin.VerifyModel(
+                admin_pb2.VerifyModelRequest(model_id="org/missing", mode=admin_pb2.VERIFY_MODE_FULL), timeout=10
+            )
+            report["calls"]["VerifyModel"] = {"code": "OK", "complete": reply.complete}
+        except grpc.RpcError as err:
+            report["calls"]["VerifyModel"] = describe_error(err)
+
         inference = inference_pb2_grpc.InferenceStub(channel)
         request = inference_pb2.GenerateRequest(
             model_id="m",
