@@ -4,6 +4,9 @@
 //!
 //! Not used by the server itself.
 
+pub mod convert;
+pub mod tiny;
+
 use std::{
     collections::BTreeMap,
     fs,

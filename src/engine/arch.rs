@@ -1,0 +1,316 @@
+//! Architectures: one adapter per candle model behind [`CausalLm`], chosen from config.json
+//! `model_type` (safetensors) or GGUF `general.architecture`.
+//!
+//! Each sequence runs on its own instance with its own KV cache. Models whose candle type is
+//! `Clone` keep a pristine base instance and fork a cheap copy per sequence (the weights are
+//! shared tensors); the one that is not (quantized qwen2) runs one sequence at a time.
+
+use std::{path::Path, sync::Arc};
+
+use candle_core::{quantized::gguf_file, DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use candle_transformers::models::{
+    gemma2, gemma3, llama, mistral, phi3, quantized_gemma3, quantized_llama, quantized_qwen2, qwen2, qwen3,
+};
+use serde_json::Value;
+
+use super::EngineError;
+
+/// A causal language model with its KV cache.
+pub trait CausalLm: Send {
+    /// Logits (1-D, f32) for the token after `input`, whose first token sits at position `pos`.
+    fn forward(&mut self, input: &[u32], pos: usize) -> candle_core::Result<Tensor>;
+    /// A new instance with an empty KV cache sharing this one's weights; None when the
+    /// architecture cannot share weights between sequences.
+    fn fork(&self) -> Option<Box<dyn CausalLm>>;
+    /// Empties the KV cache (for architectures that cannot fork).
+    fn reset(&mut self);
+    /// Whether [`CausalLm::fork`] works.
+    fn forkable(&self) -> bool {
+        true
+    }
+}
+
+/// Architectures the engine can build from safetensors.
+pub const SAFETENSORS_ARCHITECTURES: &[&str] =
+    &["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3", "gemma3_text"];
+/// Architectures the engine can build from GGUF.
+pub const GGUF_ARCHITECTURES: &[&str] = &["llama", "qwen2", "gemma3"];
+
+/// The logits of the last position as a 1-D f32 tensor, whatever shape the model returns.
+fn last_logits(logits: Tensor) -> candle_core::Result<Tensor> {
+    let mut logits = logits;
+    while logits.rank() > 1 {
+        let rows = logits.dim(0)?;
+        logits = logits.get(rows - 1)?;
+    }
+    logits.to_dtype(DType::F32)
+}
+
+fn input(tokens: &[u32], device: &Device) -> candle_core::Result<Tensor> {
+    Tensor::new(tokens, device)?.unsqueeze(0)
+}
+
+struct Llama {
+    model: Arc<llama::Llama>,
+    config: Arc<llama::Config>,
+    cache: llama::Cache,
+    dtype: DType,
+    device: Device,
+}
+
+impl CausalLm for Llama {
+    fn forward(&mut self, tokens: &[u32], pos: usize) -> candle_core::Result<Tensor> {
+        last_logits(self.model.forward(&input(tokens, &self.device)?, pos, &mut self.cache)?)
+    }
+    fn fork(&self) -> Option<Box<dyn CausalLm>> {
+        let cache = llama::Cache::new(true, self.dtype, &self.config, &self.device).ok()?;
+        Some(Box::new(Self {
+            model: self.model.clone(),
+            config: self.config.clone(),
+            cache,
+            dtype: self.dtype,
+            device: self.device.clone(),
+        }))
+    }
+    fn reset(&mut self) {
+        if let Ok(cache) = llama::Cache::new(true, self.dtype, &self.config, &self.device) {
+            self.cache = cache;
+        }
+    }
+}
+
+/// Adapter for candle models that own their KV cache and are `Clone`: the base instance stays
+/// pristine and every sequence runs on a clone.
+struct Cloneable<M> {
+    model: M,
+    device: Device,
+    forward: fn(&mut M, &Tensor, usize) -> candle_core::Result<Tensor>,
+    /// Feed the prompt one token at a time: candle 0.11.1's gemma3 appends non-contiguous value
+    /// states to its KV cache and fails on a multi-token prefill.
+    token_by_token: bool,
+}
+
+impl<M: Clone + Send + 'static> CausalLm for Cloneable<M> {
+    fn forward(&mut self, tokens: &[u32], pos: usize) -> candle_core::Result<Tensor> {
+        if self.token_by_token && tokens.len() > 1 {
+            let mut logits = None;
+            for (i, token) in tokens.iter().enumerate() {
+                logits = Some((self.forward)(&mut self.model, &input(&[*token], &self.device)?, pos + i)?);
+            }
+            return last_logits(logits.expect("at least one token"));
+        }
+        last_logits((self.forward)(&mut self.model, &input(tokens, &self.device)?, pos)?)
+    }
+    fn fork(&self) -> Option<Box<dyn CausalLm>> {
+        Some(Box::new(Self {
+            model: self.model.clone(),
+            device: self.device.clone(),
+            forward: self.forward,
+            token_by_token: self.token_by_token,
+        }))
+    }
+    fn reset(&mut self) {}
+}
+
+/// Quantized qwen2 is not `Clone`: one sequence at a time, cache cleared between sequences.
+struct QuantizedQwen2 {
+    model: quantized_qwen2::ModelWeights,
+    device: Device,
+}
+
+impl CausalLm for QuantizedQwen2 {
+    fn forward(&mut self, tokens: &[u32], pos: usize) -> candle_core::Result<Tensor> {
+        last_logits(self.model.forward(&input(tokens, &self.device)?, pos)?)
+    }
+    fn fork(&self) -> Option<Box<dyn CausalLm>> {
+        None
+    }
+    fn reset(&mut self) {
+        self.model.clear_kv_cache();
+    }
+    fn forkable(&self) -> bool {
+        false
+    }
+}
+
+fn cloneable<M: Clone + Send + 'static>(
+    model: M,
+    device: &Device,
+    forward: fn(&mut M, &Tensor, usize) -> candle_core::Result<Tensor>,
+) -> Box<dyn CausalLm> {
+    Box::new(Cloneable {
+        model,
+        device: device.clone(),
+        forward,
+        token_by_token: false,
+    })
+}
+
+/// A causal LM ready to fork sequences from.
+pub struct LoadedLm {
+    pub model: Box<dyn CausalLm>,
+    pub architecture: String,
+    pub context_length: usize,
+}
+
+fn parse<T: serde::de::DeserializeOwned>(config: &Value, what: &str) -> Result<T, EngineError> {
+    serde_json::from_value(config.clone()).map_err(|e| EngineError::Load(format!("config.json is not a valid {what} config: {e}")))
+}
+
+fn candle(context: &str) -> impl Fn(candle_core::Error) -> EngineError + '_ {
+    move |e| EngineError::Load(format!("{context}: {e}"))
+}
+
+fn context_length(config: &Value) -> usize {
+    config
+        .get("max_position_embeddings")
+        .and_then(Value::as_u64)
+        .map(|n| n as usize)
+        .unwrap_or(2048)
+}
+
+/// Builds a causal LM from safetensors `weights` and its config.json.
+pub fn load_safetensors(
+    config: &Value,
+    weights: &[std::path::PathBuf],
+    dtype: DType,
+    device: &Device,
+) -> Result<LoadedLm, EngineError> {
+    let model_type = config.get("model_type").and_then(Value::as_str).unwrap_or("").to_owned();
+    // SAFETY: the snapshot guard has verified these files; they are not modified while mapped
+    // (the cache only ever adds new blobs and replaces links, never rewrites a blob in place).
+    let vb = unsafe { VarBuilder::from_mmaped_safetensors(weights, dtype, device) }
+        .map_err(candle("mapping the weights"))?;
+    let mut context = context_length(config);
+    let model: Box<dyn CausalLm> = match model_type.as_str() {
+        "llama" => {
+            let cfg: llama::LlamaConfig = parse(config, "llama")?;
+            let cfg = Arc::new(cfg.into_config(false));
+            context = cfg.max_position_embeddings;
+            let model = llama::Llama::load(vb, &cfg).map_err(candle("loading llama weights"))?;
+            let cache = llama::Cache::new(true, dtype, &cfg, device).map_err(candle("allocating the KV cache"))?;
+            Box::new(Llama {
+                model: Arc::new(model),
+                config: cfg,
+                cache,
+                dtype,
+                device: device.clone(),
+            })
+        }
+        "mistral" => {
+            let cfg: mistral::Config = parse(config, "mistral")?;
+            let model = mistral::Model::new(&cfg, vb).map_err(candle("loading mistral weights"))?;
+            cloneable(model, device, mistral::Model::forward)
+        }
+        "qwen2" => {
+            let cfg: qwen2::Config = parse(config, "qwen2")?;
+            let model = qwen2::ModelForCausalLM::new(&cfg, vb).map_err(candle("loading qwen2 weights"))?;
+            cloneable(model, device, qwen2::ModelForCausalLM::forward)
+        }
+        "qwen3" => {
+            let cfg: qwen3::Config = parse(config, "qwen3")?;
+            let model = qwen3::ModelForCausalLM::new(&cfg, vb).map_err(candle("loading qwen3 weights"))?;
+            cloneable(model, device, qwen3::ModelForCausalLM::forward)
+        }
+        "phi3" => {
+            let cfg: phi3::Config = parse(config, "phi3")?;
+            let model = phi3::Model::new(&cfg, vb).map_err(candle("loading phi3 weights"))?;
+            cloneable(model, device, phi3::Model::forward)
+        }
+        "gemma2" => {
+            let cfg: gemma2::Config = parse(config, "gemma2")?;
+            let model = gemma2::Model::new(false, &cfg, vb).map_err(candle("loading gemma2 weights"))?;
+            cloneable(model, device, gemma2::Model::forward)
+        }
+        "gemma3" | "gemma3_text" => {
+            // Multimodal gemma3 configs nest the language model's config in text_config.
+            let text = config.get("text_config").unwrap_or(config);
+            context = context_length(text);
+            let cfg: gemma3::Config = parse(text, "gemma3")?;
+            let vb = if config.get("text_config").is_some() {
+                vb.pp("language_model")
+            } else {
+                vb
+            };
+            let model = gemma3::Model::new(false, &cfg, vb).map_err(candle("loading gemma3 weights"))?;
+            Box::new(Cloneable {
+                model,
+                device: device.clone(),
+                forward: gemma3::Model::forward,
+                token_by_token: true,
+            })
+        }
+        other => {
+            return Err(EngineError::UnsupportedArchitecture {
+                model_type: other.to_owned(),
+                supported: SAFETENSORS_ARCHITECTURES.join(", "),
+            })
+        }
+    };
+    Ok(LoadedLm {
+        model,
+        architecture: model_type,
+        context_length: context,
+    })
+}
+
+/// Builds a quantized causal LM from a GGUF file whose header is `content`.
+pub fn load_gguf(path: &Path, content: gguf_file::Content, device: &Device) -> Result<LoadedLm, EngineError> {
+    let architecture = content
+        .metadata
+        .get("general.architecture")
+        .and_then(|v| v.to_string().ok())
+        .cloned()
+        .unwrap_or_default();
+    let context_length = content
+        .metadata
+        .get(&format!("{architecture}.context_length"))
+        .and_then(|v| v.to_u64().ok())
+        .map(|n| n as usize)
+        .unwrap_or(2048);
+    let mut file = std::fs::File::open(path).map_err(|e| EngineError::Load(format!("opening {}: {e}", path.display())))?;
+    let model: Box<dyn CausalLm> = match architecture.as_str() {
+        "llama" => {
+            let model = quantized_llama::ModelWeights::from_gguf(content, &mut file, device)
+                .map_err(candle("loading GGUF llama weights"))?;
+            cloneable(model, device, quantized_llama::ModelWeights::forward)
+        }
+        "qwen2" => {
+            let model = quantized_qwen2::ModelWeights::from_gguf(content, &mut file, device)
+                .map_err(candle("loading GGUF qwen2 weights"))?;
+            Box::new(QuantizedQwen2 {
+                model,
+                device: device.clone(),
+            })
+        }
+        "gemma3" => {
+            let model = quantized_gemma3::ModelWeights::from_gguf(content, &mut file, device)
+                .map_err(candle("loading GGUF gemma3 weights"))?;
+            cloneable(model, device, quantized_gemma3::ModelWeights::forward)
+        }
+        other => {
+            return Err(EngineError::UnsupportedArchitecture {
+                model_type: other.to_owned(),
+                supported: GGUF_ARCHITECTURES.join(", "),
+            })
+        }
+    };
+    Ok(LoadedLm {
+        model,
+        architecture,
+        context_length,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn last_logits_flattens_any_leading_dims() {
+        let t = Tensor::arange(0f32, 12., &Device::Cpu).unwrap().reshape((1, 2, 6)).unwrap();
+        let v: Vec<f32> = last_logits(t).unwrap().to_vec1().unwrap();
+        assert_eq!(v, [6., 7., 8., 9., 10., 11.]);
+    }
+}

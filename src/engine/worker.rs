@@ -1,0 +1,333 @@
+//! The engine thread: a dedicated OS thread per loaded model, fed by a channel. The async runtime
+//! never runs a forward pass.
+//!
+//! Scheduling: up to `max_concurrent` sequences are active at once, each with its own KV cache;
+//! the thread gives each active sequence one forward pass in turn (prefill, then one token per
+//! turn), so concurrent streams progress together. Before every forward pass it checks whether
+//! the client is still there: a closed stream ends its sequence at once, freeing its KV cache and
+//! its queue slot. Embedding jobs run between turns.
+
+use std::{
+    collections::{BTreeSet, HashSet},
+    sync::{
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+        Arc,
+    },
+    time::Instant,
+};
+
+use tokenizers::Tokenizer;
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit};
+
+use super::{
+    arch::CausalLm,
+    embed::{Embedder, Embeddings},
+    sampling::Sampler,
+    text::{StopMatcher, StopOutcome, TextStream},
+    validation::ValidParams,
+    Completion, EngineError, FinishReason, StreamEvent, TokenEvent,
+};
+
+/// Work for the engine thread.
+pub(crate) enum Job {
+    Generate(GenerateJob),
+    Embed(EmbedJob),
+}
+
+pub(crate) struct GenerateJob {
+    pub prompt: Vec<u32>,
+    pub params: ValidParams,
+    pub events: mpsc::UnboundedSender<StreamEvent>,
+    pub accepted_at: Instant,
+    pub span: tracing::Span,
+    pub permit: OwnedSemaphorePermit,
+}
+
+pub(crate) struct EmbedJob {
+    pub inputs: Vec<String>,
+    pub normalize: bool,
+    pub reply: oneshot::Sender<Result<Embeddings, EngineError>>,
+    pub span: tracing::Span,
+    pub permit: OwnedSemaphorePermit,
+}
+
+/// Counters shared with the async side.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Sequences being generated right now.
+    pub active: AtomicUsize,
+    /// Tokens generated since load.
+    pub tokens_generated: AtomicU64,
+    /// Generations that ended because their client left.
+    pub cancelled: AtomicU64,
+}
+
+/// What the thread owns.
+pub(crate) enum Runner {
+    Generator {
+        base: Option<Box<dyn CausalLm>>,
+        tokenizer: Tokenizer,
+        eos_ids: BTreeSet<u32>,
+        special_ids: HashSet<u32>,
+    },
+    Embedder(Embedder),
+}
+
+pub(crate) struct Worker {
+    pub runner: Runner,
+    pub jobs: mpsc::UnboundedReceiver<Job>,
+    pub max_concurrent: usize,
+    pub counters: Arc<Counters>,
+    /// Dropped when the thread ends (the memory lease of the loaded model).
+    pub guard: Box<dyn Send>,
+}
+
+struct Sequence {
+    model: Box<dyn CausalLm>,
+    tokens: Vec<u32>,
+    prompt_len: usize,
+    generated: usize,
+    max_tokens: usize,
+    sampler: Sampler,
+    text: TextStream,
+    stops: StopMatcher,
+    output: String,
+    events: mpsc::UnboundedSender<StreamEvent>,
+    accepted_at: Instant,
+    first_token_at: Option<Instant>,
+    span: tracing::Span,
+    /// A final event (completion or failure) went out.
+    ended: bool,
+    _permit: OwnedSemaphorePermit,
+}
+
+enum Step {
+    Continue,
+    Done,
+}
+
+impl Worker {
+    /// Runs until the job channel closes and every sequence has ended.
+    pub fn run(mut self) {
+        let mut active: Vec<Sequence> = Vec::new();
+        let mut open = true;
+        loop {
+            if active.is_empty() {
+                if !open {
+                    break;
+                }
+                match self.jobs.blocking_recv() {
+                    Some(job) => self.admit(job, &mut active),
+                    None => break,
+                }
+            }
+            while open && active.len() < self.capacity() {
+                match self.jobs.try_recv() {
+                    Ok(job) => self.admit(job, &mut active),
+                    Err(mpsc::error::TryRecvError::Empty) => break,
+                    Err(mpsc::error::TryRecvError::Disconnected) => open = false,
+                }
+            }
+            self.turn(&mut active);
+            self.counters.active.store(active.len(), Ordering::Relaxed);
+        }
+        self.counters.active.store(0, Ordering::Relaxed);
+        drop(self.guard);
+    }
+
+    /// How many sequences may be active: one for architectures that cannot fork.
+    fn capacity(&self) -> usize {
+        match &self.runner {
+            Runner::Generator { base: Some(base), .. } if base.forkable() => self.max_concurrent.max(1),
+            Runner::Generator { .. } => 1,
+            Runner::Embedder(_) => 1,
+        }
+    }
+
+    fn admit(&mut self, job: Job, active: &mut Vec<Sequence>) {
+        match (job, &mut self.runner) {
+            (Job::Embed(job), Runner::Embedder(embedder)) => {
+                let _enter = job.span.enter();
+                let result = embedder.embed(&job.inputs, job.normalize);
+                let _ = job.reply.send(result);
+                drop(job.permit);
+            }
+            (Job::Embed(job), Runner::Generator { .. }) => {
+                let _ = job.reply.send(Err(EngineError::NotAnEmbeddingModel));
+            }
+            (Job::Generate(job), Runner::Generator { base, .. }) => {
+                if job.events.is_closed() {
+                    self.counters.cancelled.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+                let forked = match base.as_ref() {
+                    Some(b) if b.forkable() => b.fork(),
+                    // Cannot fork: lend the base model to this one sequence.
+                    _ => base.take(),
+                };
+                let Some(model) = forked else {
+                    let _ = job.events.send(StreamEvent::Failed("the model could not start a sequence".into()));
+                    return;
+                };
+                let prompt_len = job.prompt.len();
+                active.push(Sequence {
+                    model,
+                    tokens: job.prompt,
+                    prompt_len,
+                    generated: 0,
+                    max_tokens: job.params.max_tokens,
+                    sampler: Sampler::new(job.params.sampling),
+                    text: TextStream::new(),
+                    stops: StopMatcher::new(job.params.stop),
+                    output: String::new(),
+                    events: job.events,
+                    accepted_at: job.accepted_at,
+                    first_token_at: None,
+                    span: job.span,
+                    ended: false,
+                    _permit: job.permit,
+                });
+            }
+            (Job::Generate(job), Runner::Embedder(_)) => {
+                let _ = job.events.send(StreamEvent::Failed(EngineError::NotAGenerativeModel.to_string()));
+            }
+        }
+    }
+
+    /// One forward pass for every active sequence.
+    fn turn(&mut self, active: &mut Vec<Sequence>) {
+        let Runner::Generator {
+            base,
+            tokenizer,
+            eos_ids,
+            special_ids,
+        } = &mut self.runner
+        else {
+            return;
+        };
+        let mut i = 0;
+        while i < active.len() {
+            let seq = &mut active[i];
+            let outcome = if seq.events.is_closed() {
+                Step::Done
+            } else {
+                let _enter = seq.span.clone().entered();
+                match seq.step(tokenizer, eos_ids, special_ids) {
+                    Ok(step) => step,
+                    Err(message) => {
+                        tracing::error!(error = %message, "generation failed");
+                        let _ = seq.events.send(StreamEvent::Failed(message));
+                        seq.ended = true;
+                        Step::Done
+                    }
+                }
+            };
+            match outcome {
+                Step::Continue => i += 1,
+                Step::Done => {
+                    if !active[i].ended {
+                        self.counters.cancelled.fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!(parent: &active[i].span, generated = active[i].generated, "client left; generation stopped");
+                    }
+                    self.counters
+                        .tokens_generated
+                        .fetch_add(active[i].generated as u64, Ordering::Relaxed);
+                    let mut seq = active.swap_remove(i);
+                    if base.is_none() {
+                        // Give the lent model back, with an empty cache.
+                        seq.model.reset();
+                        *base = Some(seq.model);
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Sequence {
+    fn step(&mut self, tokenizer: &Tokenizer, eos_ids: &BTreeSet<u32>, special_ids: &HashSet<u32>) -> Result<Step, String> {
+        let (input, pos) = if self.generated == 0 {
+            (&self.tokens[..], 0)
+        } else {
+            let last = self.tokens.len() - 1;
+            (&self.tokens[last..], last)
+        };
+        let logits = self.model.forward(input, pos).map_err(|e| format!("forward pass: {e}"))?;
+        let (token, logprob) = self.sampler.sample(&logits, &self.tokens).map_err(|e| format!("sampling: {e}"))?;
+        self.tokens.push(token);
+        self.generated += 1;
+        self.first_token_at.get_or_insert_with(Instant::now);
+        let special = special_ids.contains(&token);
+
+        if eos_ids.contains(&token) {
+            let (text, stop) = self.finish_text(tokenizer)?;
+            return Ok(self.end(token, text, logprob, special, stop, FinishReason::EosToken));
+        }
+        let piece = self.text.push(tokenizer, token).map_err(|e| format!("decoding: {e}"))?;
+        match self.stops.push(&piece) {
+            StopOutcome::Stop { text, stop } => Ok(self.end(token, text, logprob, special, Some(stop), FinishReason::StopSequence)),
+            StopOutcome::Continue(text) if self.generated >= self.max_tokens => {
+                let (rest, stop) = self.finish_text(tokenizer)?;
+                let reason = if stop.is_some() { FinishReason::StopSequence } else { FinishReason::Length };
+                Ok(self.end(token, text + &rest, logprob, special, stop, reason))
+            }
+            StopOutcome::Continue(text) => {
+                self.output.push_str(&text);
+                let event = StreamEvent::Token(TokenEvent {
+                    id: token,
+                    text,
+                    logprob,
+                    special,
+                });
+                Ok(if self.events.send(event).is_ok() { Step::Continue } else { Step::Done })
+            }
+        }
+    }
+
+    /// Flushes the detokenizer and the stop matcher at the end of a sequence: the remaining text
+    /// and the stop string it completed, if any.
+    fn finish_text(&mut self, tokenizer: &Tokenizer) -> Result<(String, Option<String>), String> {
+        let rest = self.text.flush(tokenizer).map_err(|e| format!("decoding: {e}"))?;
+        Ok(match self.stops.push(&rest) {
+            StopOutcome::Stop { text, stop } => (text, Some(stop)),
+            StopOutcome::Continue(text) => (text + &self.stops.flush(), None),
+        })
+    }
+
+    fn end(
+        &mut self,
+        token: u32,
+        text: String,
+        logprob: Option<f32>,
+        special: bool,
+        stop: Option<String>,
+        reason: FinishReason,
+    ) -> Step {
+        self.output.push_str(&text);
+        let _ = self.events.send(StreamEvent::Token(TokenEvent {
+            id: token,
+            text,
+            logprob,
+            special,
+        }));
+        let now = Instant::now();
+        let first = self.first_token_at.unwrap_or(now);
+        let decode_secs = now.duration_since(first).as_secs_f64();
+        let tokens_per_second = if self.generated > 1 && decode_secs > 0.0 {
+            (self.generated - 1) as f64 / decode_secs
+        } else {
+            0.0
+        };
+        self.ended = true;
+        let _ = self.events.send(StreamEvent::Done(Completion {
+            finish_reason: reason,
+            prompt_tokens: self.prompt_len,
+            completion_tokens: self.generated,
+            time_to_first_token_ms: first.duration_since(self.accepted_at).as_secs_f64() * 1e3,
+            tokens_per_second,
+            text: std::mem::take(&mut self.output),
+            stop_sequence: stop,
+        }));
+        Step::Done
+    }
+}

@@ -1,0 +1,211 @@
+//! Tiny random models for fast tests: a few layers of width 64, random weights from a fixed seed,
+//! a byte-level BPE tokenizer with ChatML special tokens. The weights come from candle's own
+//! model constructors (through a VarMap), so the tensor names are exactly the ones the loader
+//! expects for each architecture; their values are then overwritten deterministically.
+
+use std::{collections::BTreeMap, path::Path};
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use candle_transformers::models::{bert, gemma2, gemma3, llama, mistral, phi3, qwen2, qwen3};
+use serde_json::{json, Value};
+
+use super::pseudo_random_bytes;
+
+/// Token ids of the tiny tokenizer's special tokens (after the 256 byte tokens).
+pub const ENDOFTEXT: u32 = 256;
+pub const IM_START: u32 = 257;
+pub const IM_END: u32 = 258;
+/// Embedding rows of the tiny models (more than the tokenizer's 259 tokens, as real models pad).
+pub const VOCAB: usize = 272;
+
+/// The ChatML template of SmolLM2 and Qwen.
+pub const CHATML_TEMPLATE: &str = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a helpful AI assistant.<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+
+/// A byte-level BPE tokenizer.json: one token per byte (ids 0..256, the byte-level alphabet in
+/// code point order) and the special tokens <|endoftext|>, <|im_start|>, <|im_end|>.
+pub fn tokenizer_json() -> Value {
+    let mut alphabet: Vec<char> = tokenizers::pre_tokenizers::byte_level::ByteLevel::alphabet()
+        .into_iter()
+        .collect();
+    alphabet.sort();
+    let mut vocab: BTreeMap<String, u32> = alphabet
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (c.to_string(), i as u32))
+        .collect();
+    let specials = [("<|endoftext|>", ENDOFTEXT), ("<|im_start|>", IM_START), ("<|im_end|>", IM_END)];
+    for (token, id) in specials {
+        vocab.insert(token.to_owned(), id);
+    }
+    let added: Vec<Value> = specials
+        .iter()
+        .map(|(token, id)| {
+            json!({"id": id, "content": token, "single_word": false, "lstrip": false,
+                   "rstrip": false, "normalized": false, "special": true})
+        })
+        .collect();
+    json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added,
+        "normalizer": null,
+        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
+        "post_processor": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": true},
+        "decoder": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
+        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                  "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
+                  "ignore_merges": false, "vocab": vocab, "merges": []}
+    })
+}
+
+/// Writes tokenizer.json and tokenizer_config.json (ChatML template, BOS/EOS tokens).
+pub fn write_tokenizer_files(dir: &Path) {
+    std::fs::create_dir_all(dir).expect("model folder");
+    let write = |name: &str, value: &Value| {
+        std::fs::write(dir.join(name), serde_json::to_vec_pretty(value).unwrap()).expect("write fixture")
+    };
+    write("tokenizer.json", &tokenizer_json());
+    write(
+        "tokenizer_config.json",
+        &json!({"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "chat_template": CHATML_TEMPLATE}),
+    );
+}
+
+/// Architectures [`write_model`] can build.
+pub const ARCHITECTURES: &[&str] = &["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text"];
+
+/// The tiny config.json of an architecture.
+pub fn config(arch: &str) -> Value {
+    let common = json!({
+        "model_type": arch, "vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 128,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "max_position_embeddings": 512, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+        "bos_token_id": IM_START, "eos_token_id": IM_END, "tie_word_embeddings": true,
+        "hidden_act": "silu"
+    });
+    let extra = match arch {
+        "mistral" => json!({"sliding_window": 256, "tie_word_embeddings": false}),
+        "qwen2" => json!({"sliding_window": 512, "max_window_layers": 2, "use_sliding_window": false}),
+        "qwen3" => json!({"head_dim": 16, "attention_bias": false, "sliding_window": null,
+                          "max_window_layers": 2, "use_sliding_window": false}),
+        "phi3" => json!({"tie_word_embeddings": false}),
+        "gemma2" => json!({"attention_bias": false, "head_dim": 16, "hidden_activation": "gelu_pytorch_tanh",
+                           "final_logit_softcapping": 30.0, "attn_logit_softcapping": 50.0,
+                           "query_pre_attn_scalar": 16, "sliding_window": 256}),
+        "gemma3_text" => json!({"attention_bias": false, "head_dim": 16, "hidden_activation": "gelu_pytorch_tanh",
+                                "final_logit_softcapping": null, "attn_logit_softcapping": null,
+                                "query_pre_attn_scalar": 16, "sliding_window": 256, "sliding_window_pattern": 2,
+                                "rope_local_base_freq": 10000.0}),
+        _ => json!({}),
+    };
+    let mut config = common;
+    for (k, v) in extra.as_object().unwrap() {
+        config[k] = v.clone();
+    }
+    config
+}
+
+/// Runs candle's constructor for `arch` over a VarMap, so the map holds every tensor the loader
+/// will ask for, with the right shape.
+fn build_varmap(arch: &str, config: &Value) -> candle_core::Result<VarMap> {
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    let parse = |v: &Value| -> candle_core::Result<Value> { Ok(v.clone()) };
+    let cfg = parse(config)?;
+    let de = |e: serde_json::Error| candle_core::Error::Msg(e.to_string());
+    match arch {
+        "llama" => {
+            let c: llama::LlamaConfig = serde_json::from_value(cfg).map_err(de)?;
+            llama::Llama::load(vb, &c.into_config(false))?;
+        }
+        "mistral" => {
+            mistral::Model::new(&serde_json::from_value(cfg).map_err(de)?, vb)?;
+        }
+        "qwen2" => {
+            qwen2::ModelForCausalLM::new(&serde_json::from_value(cfg).map_err(de)?, vb)?;
+        }
+        "qwen3" => {
+            qwen3::ModelForCausalLM::new(&serde_json::from_value(cfg).map_err(de)?, vb)?;
+        }
+        "phi3" => {
+            phi3::Model::new(&serde_json::from_value(cfg).map_err(de)?, vb)?;
+        }
+        "gemma2" => {
+            gemma2::Model::new(false, &serde_json::from_value(cfg).map_err(de)?, vb)?;
+        }
+        "gemma3_text" => {
+            gemma3::Model::new(false, &serde_json::from_value(cfg).map_err(de)?, vb)?;
+        }
+        "bert" => {
+            bert::BertModel::load(vb, &serde_json::from_value(cfg).map_err(de)?)?;
+        }
+        other => candle_core::bail!("no tiny builder for {other}"),
+    }
+    Ok(varmap)
+}
+
+/// Replaces every variable with deterministic values: norms near 1, the rest small.
+fn fill_deterministic(varmap: &VarMap, seed: u64) -> candle_core::Result<()> {
+    let data = varmap.data().lock().expect("varmap lock");
+    let mut names: Vec<&String> = data.keys().collect();
+    names.sort();
+    for (i, name) in names.into_iter().enumerate() {
+        let var = &data[name];
+        let shape = var.shape().clone();
+        let n = shape.elem_count();
+        let noise: Vec<f32> = pseudo_random_bytes(seed.wrapping_add(i as u64 * 7919), n)
+            .into_iter()
+            .map(|b| (b as f32 / 255.0 - 0.5) * 0.4)
+            .collect();
+        let is_norm = name.contains("norm") || name.contains("LayerNorm");
+        let values: Vec<f32> = if is_norm && name.ends_with("weight") {
+            noise.iter().map(|x| 1.0 + x * 0.1).collect()
+        } else {
+            noise
+        };
+        var.set(&Tensor::from_vec(values, shape, &Device::Cpu)?)?;
+    }
+    Ok(())
+}
+
+/// Writes a tiny random model of `arch` into `dir`: config.json, model.safetensors,
+/// generation_config.json and the tokenizer files.
+pub fn write_model(dir: &Path, arch: &str, seed: u64) {
+    write_model_with(dir, arch, seed, |_| {});
+}
+
+/// [`write_model`] with a last edit of config.json.
+pub fn write_model_with(dir: &Path, arch: &str, seed: u64, edit: impl FnOnce(&mut Value)) {
+    std::fs::create_dir_all(dir).expect("model folder");
+    let mut config = config(arch);
+    let varmap = build_varmap(arch, &config).expect("build tiny model");
+    fill_deterministic(&varmap, seed).expect("fill tiny weights");
+    varmap.save(dir.join("model.safetensors")).expect("save tiny weights");
+    edit(&mut config);
+    std::fs::write(dir.join("config.json"), serde_json::to_vec_pretty(&config).unwrap()).unwrap();
+    std::fs::write(
+        dir.join("generation_config.json"),
+        serde_json::to_vec(&json!({"eos_token_id": [IM_END, ENDOFTEXT]})).unwrap(),
+    )
+    .unwrap();
+    write_tokenizer_files(dir);
+}
+
+/// Writes a tiny random BERT embedding model (mean pooling) into `dir`.
+pub fn write_bert(dir: &Path, seed: u64) {
+    std::fs::create_dir_all(dir.join("1_Pooling")).expect("model folder");
+    let config = json!({
+        "model_type": "bert", "vocab_size": VOCAB, "hidden_size": 32, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "intermediate_size": 64, "hidden_act": "gelu",
+        "hidden_dropout_prob": 0.0, "max_position_embeddings": 64, "type_vocab_size": 2,
+        "initializer_range": 0.02, "layer_norm_eps": 1e-12, "pad_token_id": 0
+    });
+    let varmap = build_varmap("bert", &config).expect("build tiny bert");
+    fill_deterministic(&varmap, seed).expect("fill tiny bert");
+    varmap.save(dir.join("model.safetensors")).expect("save tiny bert");
+    std::fs::write(dir.join("config.json"), serde_json::to_vec_pretty(&config).unwrap()).unwrap();
+    std::fs::write(dir.join("1_Pooling/config.json"), br#"{"pooling_mode_mean_tokens": true}"#).unwrap();
+    write_tokenizer_files(dir);
+}
