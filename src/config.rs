@@ -14,6 +14,11 @@ use std::{
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::{
+    engine::{Limits, LoadOptions},
+    manager::EngineSettings,
+};
+
 /// The public hub used when neither `--hub-endpoint` nor HF_ENDPOINT is set.
 pub const DEFAULT_HUB_ENDPOINT: &str = "https://huggingface.co";
 
@@ -65,6 +70,164 @@ pub struct ServeArgs {
     /// (e.g. `30s`, `2m`).
     #[arg(long, env = "LMX_DRAIN_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub drain_timeout: Duration,
+
+    #[command(flatten)]
+    pub engine: EngineArgs,
+}
+
+/// Engine flags of `lmx serve`.
+#[derive(Debug, Clone, Args)]
+pub struct EngineArgs {
+    /// Memory all loaded models may take together: bytes (`16GiB`, `512MB`) or a share of the
+    /// machine's (or container's) memory (`80%`). A load beyond it evicts the least recently used
+    /// idle model, or fails with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "LMX_MEMORY_BUDGET", default_value = "80%", value_parser = parse_memory_budget)]
+    pub memory_budget: MemoryBudget,
+
+    /// Unload a model after it has been idle this long (`5m`, `1h`); `0s` keeps models loaded.
+    /// LoadModel's keep_alive overrides it per model.
+    #[arg(long, env = "LMX_KEEP_ALIVE", default_value = "0s", value_parser = humantime::parse_duration)]
+    pub keep_alive: Duration,
+
+    /// Requests queued or running per model; beyond it, RESOURCE_EXHAUSTED at once.
+    #[arg(long, env = "LMX_MAX_QUEUE", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_queue: u32,
+
+    /// Sequences generated concurrently per model (interleaved token by token).
+    #[arg(long, env = "LMX_MAX_CONCURRENT", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub max_concurrent: u32,
+
+    /// Largest `max_tokens` a request may ask for.
+    #[arg(long, env = "LMX_MAX_TOKENS", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_tokens: u32,
+
+    /// `max_tokens` of requests that leave it unset (bounded by the context and --max-tokens).
+    #[arg(long, env = "LMX_DEFAULT_MAX_TOKENS", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
+    pub default_max_tokens: u32,
+
+    /// Most stop strings per request.
+    #[arg(long, env = "LMX_MAX_STOP_SEQUENCES", default_value_t = 4)]
+    pub max_stop_sequences: u32,
+
+    /// Device models load onto by default: `cpu`, `cuda` or `cuda:N` (CUDA needs the `cuda` build feature).
+    #[arg(long, env = "LMX_DEVICE", default_value = "cpu", value_parser = parse_device)]
+    pub device: String,
+
+    /// Data type of weights in memory by default (f32 on CPU: bf16 is much slower there).
+    #[arg(long, env = "LMX_DTYPE", value_enum, default_value_t = DtypeArg::F32)]
+    pub dtype: DtypeArg,
+}
+
+/// `--dtype` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DtypeArg {
+    F32,
+    F16,
+    Bf16,
+}
+
+impl DtypeArg {
+    pub fn to_candle(self) -> candle_core::DType {
+        match self {
+            Self::F32 => candle_core::DType::F32,
+            Self::F16 => candle_core::DType::F16,
+            Self::Bf16 => candle_core::DType::BF16,
+        }
+    }
+}
+
+/// `--memory-budget`: bytes, or a percentage of the memory available to the process.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum MemoryBudget {
+    Bytes(u64),
+    Percent(f64),
+}
+
+impl MemoryBudget {
+    /// The budget in bytes given the memory available.
+    pub fn bytes(self, total_memory: u64) -> u64 {
+        match self {
+            Self::Bytes(b) => b,
+            Self::Percent(p) => (total_memory as f64 * p / 100.0) as u64,
+        }
+    }
+}
+
+fn parse_memory_budget(s: &str) -> Result<MemoryBudget, String> {
+    if let Some(p) = s.strip_suffix('%') {
+        let p: f64 = p
+            .trim()
+            .parse()
+            .map_err(|_| format!("{s:?} is not a percentage like 80%"))?;
+        if !(p > 0.0 && p <= 100.0) {
+            return Err(format!("a percentage must be in (0, 100], got {s}"));
+        }
+        return Ok(MemoryBudget::Percent(p));
+    }
+    let size: bytesize::ByteSize = s
+        .parse()
+        .map_err(|e| format!("{s:?} is not a size like 16GiB or 80%: {e}"))?;
+    if size.as_u64() == 0 {
+        return Err("the memory budget must be above 0".into());
+    }
+    Ok(MemoryBudget::Bytes(size.as_u64()))
+}
+
+pub fn parse_device(s: &str) -> Result<String, String> {
+    let valid = s == "cpu"
+        || s == "cuda"
+        || s.strip_prefix("cuda:")
+            .is_some_and(|n| n.parse::<usize>().is_ok());
+    if valid {
+        Ok(s.to_owned())
+    } else {
+        Err(format!("{s:?} is not a device; use cpu, cuda or cuda:N"))
+    }
+}
+
+/// Memory available to this process: the cgroup (container) limit when set, else MemTotal.
+pub fn available_memory() -> u64 {
+    let total = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map(|kb| kb * 1024)
+        .unwrap_or(u64::MAX);
+    let cgroup = std::fs::read_to_string("/sys/fs/cgroup/memory.max")
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    cgroup.map_or(total, |limit| limit.min(total))
+}
+
+impl EngineArgs {
+    /// The engine settings, or why the flags are inconsistent.
+    pub fn resolve(&self, total_memory: u64) -> Result<EngineSettings, String> {
+        if self.default_max_tokens > self.max_tokens {
+            return Err(format!(
+                "--default-max-tokens ({}) must be <= --max-tokens ({})",
+                self.default_max_tokens, self.max_tokens
+            ));
+        }
+        Ok(EngineSettings {
+            load: LoadOptions {
+                dtype: Some(self.dtype.to_candle()),
+                device: self.device.clone(),
+                max_queue: self.max_queue as usize,
+                max_concurrent: self.max_concurrent as usize,
+                limits: Limits {
+                    max_tokens_cap: self.max_tokens as usize,
+                    default_max_tokens: self.default_max_tokens as usize,
+                    max_stop_sequences: self.max_stop_sequences as usize,
+                    ..Limits::default()
+                },
+            },
+            memory_budget: self.memory_budget.bytes(total_memory),
+            keep_alive: (!self.keep_alive.is_zero()).then_some(self.keep_alive),
+        })
+    }
 }
 
 /// Where models are kept; shared by the server and offline commands.
@@ -153,6 +316,8 @@ pub struct Config {
     pub hf_token: Option<Secret>,
     /// How long in-flight calls may run after a shutdown signal.
     pub drain_timeout: Duration,
+    /// Engine limits, memory budget, defaults.
+    pub engine: EngineSettings,
 }
 
 impl Config {
@@ -163,20 +328,23 @@ impl Config {
             hub_endpoint: DEFAULT_HUB_ENDPOINT.to_owned(),
             hf_token: None,
             drain_timeout: Duration::from_secs(30),
+            engine: EngineSettings::default(),
         }
     }
 }
 
 impl ServeArgs {
-    /// Applies the Hugging Face fallbacks from the process environment.
-    pub fn resolve(&self) -> Config {
+    /// Applies the Hugging Face fallbacks from the process environment; refuses inconsistent
+    /// limits (at start, not at the first request).
+    pub fn resolve(&self) -> Result<Config, String> {
         let hub = self.hub.resolve(&process_env);
-        Config {
+        Ok(Config {
             cache_dir: hub.cache_dir,
             hub_endpoint: hub.hub_endpoint,
             hf_token: hub.hf_token,
             drain_timeout: self.drain_timeout,
-        }
+            engine: self.engine.resolve(available_memory())?,
+        })
     }
 }
 
@@ -356,5 +524,62 @@ mod tests {
         assert_eq!(args.listen.port(), 0);
         let err = Cli::try_parse_from(["lmx", "serve", "--listen", "nowhere"]).unwrap_err();
         assert!(err.to_string().contains("--listen"), "{err}");
+    }
+
+    fn serve(args: &[&str]) -> Result<ServeArgs, clap::Error> {
+        let cli = Cli::try_parse_from(["lmx", "serve"].iter().chain(args))?;
+        match cli.command {
+            Command::Serve(args) => Ok(args),
+            _ => panic!("expected serve"),
+        }
+    }
+
+    #[test]
+    fn memory_budgets_accept_sizes_and_percentages() {
+        assert_eq!(
+            parse_memory_budget("80%").unwrap(),
+            MemoryBudget::Percent(80.0)
+        );
+        assert_eq!(
+            parse_memory_budget("16GiB").unwrap(),
+            MemoryBudget::Bytes(16 << 30)
+        );
+        assert_eq!(
+            parse_memory_budget("500 MB").unwrap(),
+            MemoryBudget::Bytes(500_000_000)
+        );
+        assert_eq!(MemoryBudget::Percent(50.0).bytes(1000), 500);
+        for bad in ["0", "150%", "lots", "0%"] {
+            assert!(parse_memory_budget(bad).is_err(), "{bad}");
+        }
+        assert!(available_memory() > 0);
+    }
+
+    #[test]
+    fn inconsistent_engine_limits_are_refused_at_start() {
+        let args = serve(&["--max-tokens", "100", "--default-max-tokens", "200"]).unwrap();
+        let err = args.resolve().unwrap_err();
+        assert!(
+            err.contains("--default-max-tokens (200) must be <= --max-tokens (100)"),
+            "{err}"
+        );
+        assert!(serve(&["--max-queue", "0"]).is_err());
+        assert!(serve(&["--device", "gpu"])
+            .unwrap_err()
+            .to_string()
+            .contains("use cpu, cuda or cuda:N"));
+        let ok = serve(&[
+            "--memory-budget",
+            "1GiB",
+            "--keep-alive",
+            "5m",
+            "--device",
+            "cuda:1",
+        ])
+        .unwrap();
+        let config = ok.resolve().unwrap();
+        assert_eq!(config.engine.memory_budget, 1 << 30);
+        assert_eq!(config.engine.keep_alive, Some(Duration::from_secs(300)));
+        assert_eq!(config.engine.load.device, "cuda:1");
     }
 }

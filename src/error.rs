@@ -16,6 +16,7 @@ use std::collections::HashMap;
 use tonic::{Code, Status};
 
 use crate::{
+    engine::EngineError,
     manager::{CacheError, ManagerError},
     snapshot::{Report, SnapshotError},
 };
@@ -35,6 +36,16 @@ pub mod reason {
     pub const SNAPSHOT_NOT_FOUND: &str = "SNAPSHOT_NOT_FOUND";
     pub const SNAPSHOT_UNREADABLE: &str = "SNAPSHOT_UNREADABLE";
     pub const SNAPSHOT_INCOMPLETE: &str = "SNAPSHOT_INCOMPLETE";
+    pub const UNSUPPORTED_ARCHITECTURE: &str = "UNSUPPORTED_ARCHITECTURE";
+    pub const QUEUE_FULL: &str = "QUEUE_FULL";
+    pub const NO_CHAT_TEMPLATE: &str = "NO_CHAT_TEMPLATE";
+    pub const WRONG_MODEL_KIND: &str = "WRONG_MODEL_KIND";
+    pub const LOAD_FAILED: &str = "LOAD_FAILED";
+    pub const DEVICE_UNAVAILABLE: &str = "DEVICE_UNAVAILABLE";
+    pub const ENGINE_STOPPED: &str = "ENGINE_STOPPED";
+    pub const MEMORY_BUDGET_EXCEEDED: &str = "MEMORY_BUDGET_EXCEEDED";
+    pub const MODEL_LOADING: &str = "MODEL_LOADING";
+    pub const MODEL_NOT_LOADED: &str = "MODEL_NOT_LOADED";
 }
 
 /// One violated precondition: (type, subject, description) as in google.rpc.PreconditionFailure.
@@ -145,10 +156,10 @@ impl From<ApiError> for Status {
     }
 }
 
-impl From<CacheError> for ApiError {
-    fn from(err: CacheError) -> Self {
+impl From<&CacheError> for ApiError {
+    fn from(err: &CacheError) -> Self {
         let message = err.to_string();
-        match &err {
+        match err {
             CacheError::InvalidModelId { .. } => Self::invalid_argument("model_id", message),
             CacheError::InvalidRevision { .. } => Self::invalid_argument("revision", message),
             CacheError::ModelNotFound { model_id, .. } => {
@@ -166,13 +177,13 @@ impl From<CacheError> for ApiError {
                 Self::new(Code::NotFound, reason::SNAPSHOT_NOT_FOUND, message)
                     .with_metadata("commit", commit)
             }
-            CacheError::Io { .. } => Self::internal("reading the model cache failed", &err),
+            CacheError::Io { .. } => Self::internal("reading the model cache failed", err),
         }
     }
 }
 
-impl From<SnapshotError> for ApiError {
-    fn from(err: SnapshotError) -> Self {
+impl From<&SnapshotError> for ApiError {
+    fn from(err: &SnapshotError) -> Self {
         let message = err.to_string();
         match err {
             SnapshotError::NotFound(_) => {
@@ -184,7 +195,7 @@ impl From<SnapshotError> for ApiError {
                 reason::SNAPSHOT_UNREADABLE,
                 message,
             ),
-            SnapshotError::Incomplete(report) => snapshot_incomplete(&report),
+            SnapshotError::Incomplete(report) => snapshot_incomplete(report),
         }
     }
 }
@@ -214,15 +225,82 @@ pub fn snapshot_incomplete(report: &Report) -> ApiError {
     err
 }
 
-impl From<ManagerError> for ApiError {
-    fn from(err: ManagerError) -> Self {
+impl From<&EngineError> for ApiError {
+    fn from(err: &EngineError) -> Self {
+        let message = err.to_string();
         match err {
-            ManagerError::Cache(e) => e.into(),
-            ManagerError::Snapshot(e) => e.into(),
-            ManagerError::Task(e) => Self::internal("a background task failed", &e),
+            EngineError::Validation { field, .. } => Self::invalid_argument(field, message),
+            EngineError::UnsupportedArchitecture { model_type, .. } => Self::new(
+                Code::FailedPrecondition,
+                reason::UNSUPPORTED_ARCHITECTURE,
+                message,
+            )
+            .with_metadata("model_type", model_type),
+            EngineError::QueueFull { limit } => {
+                Self::new(Code::ResourceExhausted, reason::QUEUE_FULL, message)
+                    .with_metadata("limit", limit.to_string())
+            }
+            EngineError::NoChatTemplate => {
+                Self::new(Code::FailedPrecondition, reason::NO_CHAT_TEMPLATE, message)
+            }
+            EngineError::NotAGenerativeModel | EngineError::NotAnEmbeddingModel => {
+                Self::new(Code::FailedPrecondition, reason::WRONG_MODEL_KIND, message)
+            }
+            EngineError::Load(_) => {
+                Self::new(Code::FailedPrecondition, reason::LOAD_FAILED, message)
+            }
+            EngineError::Device(_) => Self::new(
+                Code::FailedPrecondition,
+                reason::DEVICE_UNAVAILABLE,
+                message,
+            ),
+            EngineError::Stopped => Self::new(Code::Unavailable, reason::ENGINE_STOPPED, message),
+            EngineError::Template(_) | EngineError::Tokenizer(_) | EngineError::Inference(_) => {
+                Self::internal("inference failed", err)
+            }
         }
     }
 }
+
+impl From<&ManagerError> for ApiError {
+    fn from(err: &ManagerError) -> Self {
+        let message = err.to_string();
+        match err {
+            ManagerError::Cache(e) => e.into(),
+            ManagerError::Snapshot(e) => e.into(),
+            ManagerError::Engine(e) => e.into(),
+            ManagerError::MemoryBudget { needed, budget, .. } => Self::new(
+                Code::ResourceExhausted,
+                reason::MEMORY_BUDGET_EXCEEDED,
+                message,
+            )
+            .with_metadata("needed_bytes", needed.to_string())
+            .with_metadata("budget_bytes", budget.to_string()),
+            ManagerError::Loading(_) => {
+                Self::new(Code::FailedPrecondition, reason::MODEL_LOADING, message)
+            }
+            ManagerError::NotLoaded(_) => {
+                Self::new(Code::FailedPrecondition, reason::MODEL_NOT_LOADED, message)
+            }
+            ManagerError::UnknownModel(_) => {
+                Self::new(Code::NotFound, reason::MODEL_NOT_FOUND, message)
+            }
+            ManagerError::Task(e) => Self::internal("a background task failed", e),
+        }
+    }
+}
+
+/// By-value conversions of domain errors, through their by-reference ones.
+macro_rules! by_value {
+    ($($ty:ty),*) => {$(
+        impl From<$ty> for ApiError {
+            fn from(err: $ty) -> Self {
+                (&err).into()
+            }
+        }
+    )*};
+}
+by_value!(CacheError, SnapshotError, EngineError, ManagerError);
 
 /// "outer: inner: root" for logging.
 pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {

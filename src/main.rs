@@ -38,7 +38,9 @@ fn run_async(command: impl std::future::Future<Output = anyhow::Result<()>>) -> 
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let config = args.resolve();
+    let config = args
+        .resolve()
+        .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding --listen {}", args.listen))?;

@@ -166,11 +166,10 @@ async fn health_serves_server_and_admin_but_not_inference_without_a_model() {
 #[tokio::test]
 async fn unimplemented_rpcs_answer_unimplemented_with_error_info() {
     let server = TestServer::start().await;
-    let mut inference = pb::inference_client::InferenceClient::new(server.channel().await);
-    let status = inference
-        .generate(pb::GenerateRequest {
-            model_id: "m".into(),
-            prompt: "hi".into(),
+    let mut admin = pb::model_admin_client::ModelAdminClient::new(server.channel().await);
+    let status = admin
+        .download_model(pb::DownloadModelRequest {
+            model_id: "org/m".into(),
             ..Default::default()
         })
         .await

@@ -92,14 +92,20 @@ async fn python_grpcio_client_generated_from_our_protos() {
     assert_eq!(report["health"][""], "SERVING");
     assert_eq!(report["health"]["lmx.v1.ModelAdmin"], "SERVING");
     assert_eq!(report["health"]["lmx.v1.Inference"], "NOT_SERVING");
-    for call in ["ListModels", "Generate"] {
-        assert_eq!(report["calls"][call]["code"], "UNIMPLEMENTED", "{report}");
-        assert_eq!(
-            report["calls"][call]["reason"], "NOT_IMPLEMENTED",
-            "{report}"
-        );
-        assert_eq!(report["calls"][call]["domain"], "lmx.v1", "{report}");
-    }
+    let call = |name: &str, field: &str| report["calls"][name][field].clone();
+    assert_eq!(call("ListModels", "code"), "OK", "{report}");
+    assert_eq!(call("ListModels", "models"), 0, "{report}");
+    assert_eq!(call("DownloadModel", "code"), "UNIMPLEMENTED", "{report}");
+    assert_eq!(
+        call("DownloadModel", "reason"),
+        "NOT_IMPLEMENTED",
+        "{report}"
+    );
+    assert_eq!(call("Generate", "code"), "NOT_FOUND", "{report}");
+    assert_eq!(call("Generate", "reason"), "MODEL_NOT_FOUND", "{report}");
+    assert_eq!(call("Generate", "domain"), "lmx.v1", "{report}");
+    assert_eq!(call("VerifyModel", "code"), "NOT_FOUND", "{report}");
+    assert_eq!(call("VerifyModel", "reason"), "MODEL_NOT_FOUND", "{report}");
     assert_eq!(
         report["enums"]["DOWNLOAD_ERROR_CODE_INCOMPLETE_DOWNLOAD"],
         1

@@ -5,10 +5,15 @@ use std::{sync::Arc, time::Instant};
 use tonic::{Request, Response, Status};
 
 use super::{convert, ResponseStream};
-use crate::{error::ApiError, manager::Manager, pb, snapshot::Mode};
+use crate::{
+    error::ApiError,
+    manager::{LoadSpec, Manager},
+    pb,
+    snapshot::Mode,
+};
 
 /// Implementation of `lmx.v1.ModelAdmin`.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct AdminApi {
     manager: Arc<Manager>,
 }
@@ -18,6 +23,51 @@ impl AdminApi {
     pub fn new(manager: Arc<Manager>) -> Self {
         Self { manager }
     }
+}
+
+fn load_spec(options: Option<pb::LoadOptions>) -> Result<LoadSpec, ApiError> {
+    let Some(options) = options else {
+        return Ok(LoadSpec::default());
+    };
+    let dtype = match pb::Dtype::try_from(options.dtype) {
+        Ok(pb::Dtype::Unspecified) => None,
+        Ok(pb::Dtype::F32) => Some(candle_core::DType::F32),
+        Ok(pb::Dtype::F16) => Some(candle_core::DType::F16),
+        Ok(pb::Dtype::Bf16) => Some(candle_core::DType::BF16),
+        Err(_) => {
+            return Err(ApiError::invalid_argument(
+                "options.dtype",
+                format!(
+                    "`options.dtype` must be a Dtype value (1-3). Given: {}",
+                    options.dtype
+                ),
+            ))
+        }
+    };
+    let device = if options.device.is_empty() {
+        None
+    } else {
+        Some(crate::config::parse_device(&options.device).map_err(|e| {
+            ApiError::invalid_argument("options.device", format!("`options.device` {e}"))
+        })?)
+    };
+    let keep_alive = match options.keep_alive {
+        None => None,
+        Some(d) => Some(std::time::Duration::try_from(d).map_err(|_| {
+            ApiError::invalid_argument(
+                "options.keep_alive",
+                format!(
+                    "`options.keep_alive` must be >= 0. Given: {}s {}ns",
+                    d.seconds, d.nanos
+                ),
+            )
+        })?),
+    };
+    Ok(LoadSpec {
+        dtype,
+        device,
+        keep_alive,
+    })
 }
 
 fn verify_mode(mode: i32) -> Result<Mode, ApiError> {
@@ -32,7 +82,6 @@ fn verify_mode(mode: i32) -> Result<Mode, ApiError> {
 }
 
 const DOWNLOADS: &str = "model downloads";
-const ENGINE: &str = "the inference engine (model loading)";
 const CATALOG: &str = "the model catalog";
 
 #[tonic::async_trait]
@@ -79,7 +128,14 @@ impl pb::model_admin_server::ModelAdmin for AdminApi {
         &self,
         _request: Request<pb::ListModelsRequest>,
     ) -> Result<Response<pb::ListModelsResponse>, Status> {
-        Err(ApiError::unimplemented(CATALOG).into())
+        let models = self
+            .manager
+            .models()
+            .list()
+            .iter()
+            .map(convert::model_status)
+            .collect();
+        Ok(Response::new(pb::ListModelsResponse { models }))
     }
 
     async fn verify_model(
@@ -118,16 +174,42 @@ impl pb::model_admin_server::ModelAdmin for AdminApi {
 
     async fn load_model(
         &self,
-        _request: Request<pb::LoadModelRequest>,
+        request: Request<pb::LoadModelRequest>,
     ) -> Result<Response<pb::LoadModelResponse>, Status> {
-        Err(ApiError::unimplemented(ENGINE).into())
+        let request = request.into_inner();
+        let spec = load_spec(request.options)?;
+        let loaded = self
+            .manager
+            .models()
+            .load(&request.model_id, &request.revision, spec)
+            .await
+            .map_err(|e| ApiError::from(&*e))?;
+        let load_time = if loaded.already_loaded {
+            std::time::Duration::ZERO
+        } else {
+            loaded.model.load_time
+        };
+        let status = crate::manager::models::ModelStatus::Loaded(loaded.model);
+        Ok(Response::new(pb::LoadModelResponse {
+            model: Some(convert::model_status(&status)),
+            already_loaded: loaded.already_loaded,
+            load_time: Some(convert::duration(load_time)),
+        }))
     }
 
     async fn unload_model(
         &self,
-        _request: Request<pb::UnloadModelRequest>,
+        request: Request<pb::UnloadModelRequest>,
     ) -> Result<Response<pb::UnloadModelResponse>, Status> {
-        Err(ApiError::unimplemented(ENGINE).into())
+        let request = request.into_inner();
+        let freed = self
+            .manager
+            .models()
+            .unload(&request.model_id, &request.revision)
+            .map_err(ApiError::from)?;
+        Ok(Response::new(pb::UnloadModelResponse {
+            freed_memory_bytes: freed,
+        }))
     }
 
     async fn delete_model(

@@ -61,3 +61,55 @@ pub fn duration(d: Duration) -> prost_types::Duration {
         nanos: d.subsec_nanos() as i32,
     }
 }
+
+pub fn timestamp(t: std::time::SystemTime) -> prost_types::Timestamp {
+    prost_types::Timestamp::from(t)
+}
+
+pub fn dtype(d: candle_core::DType) -> pb::Dtype {
+    match d {
+        candle_core::DType::F32 => pb::Dtype::F32,
+        candle_core::DType::F16 => pb::Dtype::F16,
+        candle_core::DType::BF16 => pb::Dtype::Bf16,
+        _ => pb::Dtype::Unspecified,
+    }
+}
+
+/// A model the registry knows (loading or loaded).
+pub fn model_status(status: &crate::manager::models::ModelStatus) -> pb::ModelInfo {
+    use crate::manager::models::ModelStatus;
+    match status {
+        ModelStatus::Loading { key, .. } => pb::ModelInfo {
+            model_id: key.model_id.clone(),
+            revision: key.revision.clone(),
+            state: pb::ModelState::Loading as i32,
+            ..Default::default()
+        },
+        ModelStatus::Loaded(model) => {
+            let d = model.engine.description();
+            let stats = model.engine.stats();
+            pb::ModelInfo {
+                model_id: model.key.model_id.clone(),
+                revision: model.key.revision.clone(),
+                commit_sha: model.snapshot.commit.clone(),
+                state: pb::ModelState::Loaded as i32,
+                format: weight_format(Some(d.format)) as i32,
+                architecture: d.architecture.clone(),
+                size_on_disk_bytes: 0,
+                path: model.snapshot.path.display().to_string(),
+                refs: Vec::new(),
+                memory_bytes: d.memory_bytes,
+                loaded_at: Some(timestamp(model.loaded_at)),
+                last_used_at: Some(timestamp(model.last_used_at())),
+                request_count: model.request_count(),
+                dtype: dtype(d.dtype) as i32,
+                device: d.device.clone(),
+                keep_alive: model.keep_alive.map(duration),
+                context_length: d.context_length as u32,
+                state_message: String::new(),
+                requests_in_flight: stats.in_flight as u32,
+                tokens_generated: stats.tokens_generated,
+            }
+        }
+    }
+}

@@ -10,7 +10,8 @@ use std::{path::Path, sync::Arc};
 use candle_core::{quantized::gguf_file, DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use candle_transformers::models::{
-    gemma2, gemma3, llama, mistral, phi3, quantized_gemma3, quantized_llama, quantized_qwen2, qwen2, qwen3,
+    gemma2, gemma3, llama, mistral, phi3, quantized_gemma3, quantized_llama, quantized_qwen2,
+    qwen2, qwen3,
 };
 use serde_json::Value;
 
@@ -32,8 +33,16 @@ pub trait CausalLm: Send {
 }
 
 /// Architectures the engine can build from safetensors.
-pub const SAFETENSORS_ARCHITECTURES: &[&str] =
-    &["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3", "gemma3_text"];
+pub const SAFETENSORS_ARCHITECTURES: &[&str] = &[
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "phi3",
+    "gemma2",
+    "gemma3",
+    "gemma3_text",
+];
 /// Architectures the engine can build from GGUF.
 pub const GGUF_ARCHITECTURES: &[&str] = &["llama", "qwen2", "gemma3"];
 
@@ -61,7 +70,10 @@ struct Llama {
 
 impl CausalLm for Llama {
     fn forward(&mut self, tokens: &[u32], pos: usize) -> candle_core::Result<Tensor> {
-        last_logits(self.model.forward(&input(tokens, &self.device)?, pos, &mut self.cache)?)
+        last_logits(
+            self.model
+                .forward(&input(tokens, &self.device)?, pos, &mut self.cache)?,
+        )
     }
     fn fork(&self) -> Option<Box<dyn CausalLm>> {
         let cache = llama::Cache::new(true, self.dtype, &self.config, &self.device).ok()?;
@@ -96,11 +108,19 @@ impl<M: Clone + Send + 'static> CausalLm for Cloneable<M> {
         if self.token_by_token && tokens.len() > 1 {
             let mut logits = None;
             for (i, token) in tokens.iter().enumerate() {
-                logits = Some((self.forward)(&mut self.model, &input(&[*token], &self.device)?, pos + i)?);
+                logits = Some((self.forward)(
+                    &mut self.model,
+                    &input(&[*token], &self.device)?,
+                    pos + i,
+                )?);
             }
             return last_logits(logits.expect("at least one token"));
         }
-        last_logits((self.forward)(&mut self.model, &input(tokens, &self.device)?, pos)?)
+        last_logits((self.forward)(
+            &mut self.model,
+            &input(tokens, &self.device)?,
+            pos,
+        )?)
     }
     fn fork(&self) -> Option<Box<dyn CausalLm>> {
         Some(Box::new(Self {
@@ -155,7 +175,8 @@ pub struct LoadedLm {
 }
 
 fn parse<T: serde::de::DeserializeOwned>(config: &Value, what: &str) -> Result<T, EngineError> {
-    serde_json::from_value(config.clone()).map_err(|e| EngineError::Load(format!("config.json is not a valid {what} config: {e}")))
+    serde_json::from_value(config.clone())
+        .map_err(|e| EngineError::Load(format!("config.json is not a valid {what} config: {e}")))
 }
 
 fn candle(context: &str) -> impl Fn(candle_core::Error) -> EngineError + '_ {
@@ -177,7 +198,11 @@ pub fn load_safetensors(
     dtype: DType,
     device: &Device,
 ) -> Result<LoadedLm, EngineError> {
-    let model_type = config.get("model_type").and_then(Value::as_str).unwrap_or("").to_owned();
+    let model_type = config
+        .get("model_type")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_owned();
     // SAFETY: the snapshot guard has verified these files; they are not modified while mapped
     // (the cache only ever adds new blobs and replaces links, never rewrites a blob in place).
     let vb = unsafe { VarBuilder::from_mmaped_safetensors(weights, dtype, device) }
@@ -189,7 +214,8 @@ pub fn load_safetensors(
             let cfg = Arc::new(cfg.into_config(false));
             context = cfg.max_position_embeddings;
             let model = llama::Llama::load(vb, &cfg).map_err(candle("loading llama weights"))?;
-            let cache = llama::Cache::new(true, dtype, &cfg, device).map_err(candle("allocating the KV cache"))?;
+            let cache = llama::Cache::new(true, dtype, &cfg, device)
+                .map_err(candle("allocating the KV cache"))?;
             Box::new(Llama {
                 model: Arc::new(model),
                 config: cfg,
@@ -205,12 +231,14 @@ pub fn load_safetensors(
         }
         "qwen2" => {
             let cfg: qwen2::Config = parse(config, "qwen2")?;
-            let model = qwen2::ModelForCausalLM::new(&cfg, vb).map_err(candle("loading qwen2 weights"))?;
+            let model =
+                qwen2::ModelForCausalLM::new(&cfg, vb).map_err(candle("loading qwen2 weights"))?;
             cloneable(model, device, qwen2::ModelForCausalLM::forward)
         }
         "qwen3" => {
             let cfg: qwen3::Config = parse(config, "qwen3")?;
-            let model = qwen3::ModelForCausalLM::new(&cfg, vb).map_err(candle("loading qwen3 weights"))?;
+            let model =
+                qwen3::ModelForCausalLM::new(&cfg, vb).map_err(candle("loading qwen3 weights"))?;
             cloneable(model, device, qwen3::ModelForCausalLM::forward)
         }
         "phi3" => {
@@ -220,7 +248,8 @@ pub fn load_safetensors(
         }
         "gemma2" => {
             let cfg: gemma2::Config = parse(config, "gemma2")?;
-            let model = gemma2::Model::new(false, &cfg, vb).map_err(candle("loading gemma2 weights"))?;
+            let model =
+                gemma2::Model::new(false, &cfg, vb).map_err(candle("loading gemma2 weights"))?;
             cloneable(model, device, gemma2::Model::forward)
         }
         "gemma3" | "gemma3_text" => {
@@ -233,7 +262,8 @@ pub fn load_safetensors(
             } else {
                 vb
             };
-            let model = gemma3::Model::new(false, &cfg, vb).map_err(candle("loading gemma3 weights"))?;
+            let model =
+                gemma3::Model::new(false, &cfg, vb).map_err(candle("loading gemma3 weights"))?;
             Box::new(Cloneable {
                 model,
                 device: device.clone(),
@@ -256,7 +286,11 @@ pub fn load_safetensors(
 }
 
 /// Builds a quantized causal LM from a GGUF file whose header is `content`.
-pub fn load_gguf(path: &Path, content: gguf_file::Content, device: &Device) -> Result<LoadedLm, EngineError> {
+pub fn load_gguf(
+    path: &Path,
+    content: gguf_file::Content,
+    device: &Device,
+) -> Result<LoadedLm, EngineError> {
     let architecture = content
         .metadata
         .get("general.architecture")
@@ -269,7 +303,8 @@ pub fn load_gguf(path: &Path, content: gguf_file::Content, device: &Device) -> R
         .and_then(|v| v.to_u64().ok())
         .map(|n| n as usize)
         .unwrap_or(2048);
-    let mut file = std::fs::File::open(path).map_err(|e| EngineError::Load(format!("opening {}: {e}", path.display())))?;
+    let mut file = std::fs::File::open(path)
+        .map_err(|e| EngineError::Load(format!("opening {}: {e}", path.display())))?;
     let model: Box<dyn CausalLm> = match architecture.as_str() {
         "llama" => {
             let model = quantized_llama::ModelWeights::from_gguf(content, &mut file, device)
@@ -309,7 +344,10 @@ mod tests {
 
     #[test]
     fn last_logits_flattens_any_leading_dims() {
-        let t = Tensor::arange(0f32, 12., &Device::Cpu).unwrap().reshape((1, 2, 6)).unwrap();
+        let t = Tensor::arange(0f32, 12., &Device::Cpu)
+            .unwrap()
+            .reshape((1, 2, 6))
+            .unwrap();
         let v: Vec<f32> = last_logits(t).unwrap().to_vec1().unwrap();
         assert_eq!(v, [6., 7., 8., 9., 10., 11.]);
     }

@@ -38,14 +38,22 @@ fn strftime_now(format: String) -> String {
 struct PythonFormatter;
 
 impl serde_json::ser::Formatter for PythonFormatter {
-    fn begin_array_value<W: ?Sized + io::Write>(&mut self, writer: &mut W, first: bool) -> io::Result<()> {
+    fn begin_array_value<W: ?Sized + io::Write>(
+        &mut self,
+        writer: &mut W,
+        first: bool,
+    ) -> io::Result<()> {
         if first {
             Ok(())
         } else {
             writer.write_all(b", ")
         }
     }
-    fn begin_object_key<W: ?Sized + io::Write>(&mut self, writer: &mut W, first: bool) -> io::Result<()> {
+    fn begin_object_key<W: ?Sized + io::Write>(
+        &mut self,
+        writer: &mut W,
+        first: bool,
+    ) -> io::Result<()> {
         if first {
             Ok(())
         } else {
@@ -65,13 +73,18 @@ fn tojson(value: minijinja::Value) -> Result<minijinja::Value, Error> {
     value
         .serialize(&mut ser)
         .map_err(|e| Error::new(ErrorKind::InvalidOperation, format!("tojson: {e}")))?;
-    let text = String::from_utf8(out).map_err(|e| Error::new(ErrorKind::InvalidOperation, e.to_string()))?;
+    let text = String::from_utf8(out)
+        .map_err(|e| Error::new(ErrorKind::InvalidOperation, e.to_string()))?;
     Ok(minijinja::Value::from_safe_string(text))
 }
 
 impl ChatTemplate {
     /// Compiles `source`; errors name what does not compile.
-    pub fn new(source: String, bos_token: Option<String>, eos_token: Option<String>) -> Result<Self, EngineError> {
+    pub fn new(
+        source: String,
+        bos_token: Option<String>,
+        eos_token: Option<String>,
+    ) -> Result<Self, EngineError> {
         let mut env = Environment::new();
         let syntax = minijinja::syntax::SyntaxConfig::builder()
             .trim_blocks(true)
@@ -93,7 +106,11 @@ impl ChatTemplate {
     }
 
     /// Renders a conversation.
-    pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String, EngineError> {
+    pub fn render(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<String, EngineError> {
         let template = self
             .env
             .get_template(TEMPLATE)
@@ -142,8 +159,13 @@ mod tests {
             out,
             "<|im_start|>system\nYou are helpful.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
         );
-        let out = t.render(&[msg("system", "S"), msg("user", "Hi")], false).unwrap();
-        assert_eq!(out, "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n");
+        let out = t
+            .render(&[msg("system", "S"), msg("user", "Hi")], false)
+            .unwrap();
+        assert_eq!(
+            out,
+            "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+        );
     }
 
     #[test]
@@ -152,15 +174,26 @@ mod tests {
             {% if m.role not in ['user', 'assistant'] %}{{ raise_exception('bad role ' + m.role) }}{% endif %}\
             [{{ m.content.strip() | upper }}]{{ m | tojson }}{% endfor %}{{ eos_token }}";
         let t = ChatTemplate::new(source.into(), Some("<s>".into()), Some("</s>".into())).unwrap();
-        let out = t.render(&[msg("user", "  hi  "), msg("skip", "x")], false).unwrap();
-        assert_eq!(out, "<s>[HI]{\"role\": \"user\", \"content\": \"  hi  \"}</s>");
+        let out = t
+            .render(&[msg("user", "  hi  "), msg("skip", "x")], false)
+            .unwrap();
+        assert_eq!(
+            out,
+            "<s>[HI]{\"role\": \"user\", \"content\": \"  hi  \"}</s>"
+        );
         let err = t.render(&[msg("robot", "x")], false).unwrap_err();
-        assert!(matches!(&err, EngineError::Validation { field: "messages", message } if message.contains("bad role robot")), "{err}");
+        assert!(
+            matches!(&err, EngineError::Validation { field: "messages", message } if message.contains("bad role robot")),
+            "{err}"
+        );
     }
 
     #[test]
     fn templates_that_do_not_compile_are_load_errors() {
-        assert!(matches!(ChatTemplate::new("{% for %}".into(), None, None), Err(EngineError::Load(_))));
+        assert!(matches!(
+            ChatTemplate::new("{% for %}".into(), None, None),
+            Err(EngineError::Load(_))
+        ));
     }
 
     #[test]

@@ -42,7 +42,9 @@ fn pooling(dir: &Path) -> Pooling {
         .ok()
         .and_then(|b| serde_json::from_slice::<Value>(&b).ok());
     match config {
-        Some(c) if c.get("pooling_mode_cls_token").and_then(Value::as_bool) == Some(true) => Pooling::Cls,
+        Some(c) if c.get("pooling_mode_cls_token").and_then(Value::as_bool) == Some(true) => {
+            Pooling::Cls
+        }
         _ => Pooling::Mean,
     }
 }
@@ -57,12 +59,14 @@ impl Embedder {
         dtype: DType,
         device: &Device,
     ) -> Result<Self, EngineError> {
-        let cfg: Config = serde_json::from_value(config.clone())
-            .map_err(|e| EngineError::Load(format!("config.json is not a valid bert config: {e}")))?;
+        let cfg: Config = serde_json::from_value(config.clone()).map_err(|e| {
+            EngineError::Load(format!("config.json is not a valid bert config: {e}"))
+        })?;
         // SAFETY: as for causal LMs, the verified snapshot files are not modified while mapped.
         let vb = unsafe { VarBuilder::from_mmaped_safetensors(weights, dtype, device) }
             .map_err(|e| EngineError::Load(format!("mapping the weights: {e}")))?;
-        let model = BertModel::load(vb, &cfg).map_err(|e| EngineError::Load(format!("loading bert weights: {e}")))?;
+        let model = BertModel::load(vb, &cfg)
+            .map_err(|e| EngineError::Load(format!("loading bert weights: {e}")))?;
         let mut tokenizer = tokenizer;
         tokenizer.with_padding(Some(PaddingParams::default()));
         tokenizer
@@ -102,7 +106,10 @@ impl Embedder {
             let ids = stack(&|e| e.get_ids().to_vec())?;
             let type_ids = stack(&|e| e.get_type_ids().to_vec())?;
             let mask = stack(&|e| e.get_attention_mask().to_vec())?;
-            let hidden = self.model.forward(&ids, &type_ids, Some(&mask))?.to_dtype(DType::F32)?;
+            let hidden = self
+                .model
+                .forward(&ids, &type_ids, Some(&mask))?
+                .to_dtype(DType::F32)?;
             let pooled = match self.pooling {
                 Pooling::Cls => hidden.get_on_dim(1, 0)?,
                 Pooling::Mean => {
@@ -113,7 +120,11 @@ impl Embedder {
                 }
             };
             let pooled = if normalize {
-                let norms = pooled.sqr()?.sum_keepdim(1)?.sqrt()?.clamp(1e-12, f64::MAX)?;
+                let norms = pooled
+                    .sqr()?
+                    .sum_keepdim(1)?
+                    .sqrt()?
+                    .clamp(1e-12, f64::MAX)?;
                 pooled.broadcast_div(&norms)?
             } else {
                 pooled

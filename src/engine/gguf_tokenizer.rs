@@ -48,7 +48,11 @@ fn strings(content: &Content, key: &str) -> Result<Vec<String>, EngineError> {
 }
 
 fn meta_str<'a>(content: &'a Content, key: &str) -> Option<&'a str> {
-    content.metadata.get(key).and_then(|v| v.to_string().ok()).map(String::as_str)
+    content
+        .metadata
+        .get(key)
+        .and_then(|v| v.to_string().ok())
+        .map(String::as_str)
 }
 
 fn meta_u32(content: &Content, key: &str) -> Option<u32> {
@@ -56,18 +60,38 @@ fn meta_u32(content: &Content, key: &str) -> Option<u32> {
 }
 
 fn split(pattern: &str) -> Result<PreTokenizerWrapper, EngineError> {
-    let split = Split::new(SplitPattern::Regex(pattern.to_owned()), SplitDelimiterBehavior::Isolated, false)
-        .map_err(|e| EngineError::Load(format!("pre-tokenizer pattern: {e}")))?;
+    let split = Split::new(
+        SplitPattern::Regex(pattern.to_owned()),
+        SplitDelimiterBehavior::Isolated,
+        false,
+    )
+    .map_err(|e| EngineError::Load(format!("pre-tokenizer pattern: {e}")))?;
     Ok(split.into())
 }
 
 fn pre_tokenizer(pre: &str) -> Result<PreTokenizerWrapper, EngineError> {
     Ok(match pre {
         "gpt2" | "default" | "" => ByteLevel::new(false, true, true).into(),
-        "smollm" => Sequence::new(vec![Digits::new(true).into(), ByteLevel::new(false, true, true).into()]).into(),
-        "qwen2" => Sequence::new(vec![split(QWEN2_PATTERN)?, ByteLevel::new(false, false, false).into()]).into(),
-        "llama-bpe" | "llama3" => Sequence::new(vec![split(LLAMA3_PATTERN)?, ByteLevel::new(false, true, false).into()]).into(),
-        other => return Err(unsupported(format!("the GGUF pre-tokenizer {other:?} is not supported"))),
+        "smollm" => Sequence::new(vec![
+            Digits::new(true).into(),
+            ByteLevel::new(false, true, true).into(),
+        ])
+        .into(),
+        "qwen2" => Sequence::new(vec![
+            split(QWEN2_PATTERN)?,
+            ByteLevel::new(false, false, false).into(),
+        ])
+        .into(),
+        "llama-bpe" | "llama3" => Sequence::new(vec![
+            split(LLAMA3_PATTERN)?,
+            ByteLevel::new(false, true, false).into(),
+        ])
+        .into(),
+        other => {
+            return Err(unsupported(format!(
+                "the GGUF pre-tokenizer {other:?} is not supported"
+            )))
+        }
     })
 }
 
@@ -86,7 +110,11 @@ pub fn build(content: &Content) -> Result<Tokenizer, EngineError> {
         _ => vec![1; tokens.len()],
     };
 
-    let vocab: Vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+    let vocab: Vocab = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.clone(), i as u32))
+        .collect();
     let merges: Merges = merges
         .iter()
         .map(|m| {
@@ -111,7 +139,10 @@ pub fn build(content: &Content) -> Result<Tokenizer, EngineError> {
     tokenizer.with_pre_tokenizer(Some(pre_tokenizer(pre)?));
     tokenizer.with_decoder(Some(ByteLevelDecoder::default()));
 
-    let add_bos = matches!(content.metadata.get("tokenizer.ggml.add_bos_token"), Some(Value::Bool(true)));
+    let add_bos = matches!(
+        content.metadata.get("tokenizer.ggml.add_bos_token"),
+        Some(Value::Bool(true))
+    );
     match (add_bos, meta_u32(content, "tokenizer.ggml.bos_token_id")) {
         (true, Some(bos)) => {
             let bos_token = tokens.get(bos as usize).cloned().unwrap_or_default();

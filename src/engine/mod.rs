@@ -40,9 +40,15 @@ use worker::{EmbedJob, GenerateJob, Job, Runner, Worker};
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
     #[error("{message}")]
-    Validation { field: &'static str, message: String },
+    Validation {
+        field: &'static str,
+        message: String,
+    },
     #[error("unsupported architecture {model_type:?}; supported: {supported}")]
-    UnsupportedArchitecture { model_type: String, supported: String },
+    UnsupportedArchitecture {
+        model_type: String,
+        supported: String,
+    },
     #[error("the model has {limit} requests queued or running, its limit; retry later")]
     QueueFull { limit: usize },
     #[error("the model has no chat template (tokenizer_config.json chat_template, chat_template.jinja or GGUF tokenizer.chat_template)")]
@@ -151,7 +157,10 @@ pub enum StreamEvent {
 /// The prompt of a generation.
 #[derive(Debug, Clone)]
 pub enum Prompt {
-    Text { text: String, add_special_tokens: bool },
+    Text {
+        text: String,
+        add_special_tokens: bool,
+    },
     Chat(Vec<ChatMessage>),
 }
 
@@ -183,11 +192,23 @@ pub trait Engine: Send + Sync {
     /// Validates `params`, tokenizes the prompt (blocking: call off the async runtime), takes a
     /// queue slot and queues the generation. Events arrive on the returned channel; dropping it
     /// cancels the generation before its next forward pass.
-    fn generate(&self, prompt: Prompt, params: &RawParams) -> Result<mpsc::UnboundedReceiver<StreamEvent>, EngineError>;
+    fn generate(
+        &self,
+        prompt: Prompt,
+        params: &RawParams,
+    ) -> Result<mpsc::UnboundedReceiver<StreamEvent>, EngineError>;
     /// Splits text into tokens (blocking).
-    fn tokenize(&self, text: &str, add_special_tokens: bool) -> Result<Vec<TokenPiece>, EngineError>;
+    fn tokenize(
+        &self,
+        text: &str,
+        add_special_tokens: bool,
+    ) -> Result<Vec<TokenPiece>, EngineError>;
     /// Queues an embedding job; the answer arrives on the returned channel.
-    fn embed(&self, inputs: Vec<String>, normalize: bool) -> Result<oneshot::Receiver<Result<Embeddings, EngineError>>, EngineError>;
+    fn embed(
+        &self,
+        inputs: Vec<String>,
+        normalize: bool,
+    ) -> Result<oneshot::Receiver<Result<Embeddings, EngineError>>, EngineError>;
     /// Renders a conversation with the model's chat template.
     fn render_chat(&self, messages: &[ChatMessage]) -> Result<String, EngineError>;
 }
@@ -222,7 +243,9 @@ fn parse_device(spec: &str) -> Result<Device, EngineError> {
             }
             Device::new_cuda(ordinal).map_err(|e| EngineError::Device(format!("{cuda:?}: {e}")))
         }
-        other => Err(EngineError::Device(format!("{other:?} is unknown; use cpu, cuda or cuda:N"))),
+        other => Err(EngineError::Device(format!(
+            "{other:?} is unknown; use cpu, cuda or cuda:N"
+        ))),
     }
 }
 
@@ -235,7 +258,12 @@ fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>, EngineError> {
         let mut files: Vec<PathBuf> = value
             .get("weight_map")
             .and_then(Value::as_object)
-            .map(|m| m.values().filter_map(Value::as_str).map(|f| dir.join(f)).collect())
+            .map(|m| {
+                m.values()
+                    .filter_map(Value::as_str)
+                    .map(|f| dir.join(f))
+                    .collect()
+            })
             .unwrap_or_default();
         files.sort();
         files.dedup();
@@ -271,9 +299,10 @@ fn weights_memory(files: &[PathBuf], dtype: DType) -> Result<u64, EngineError> {
         .map(|(_, view)| {
             let elems: usize = view.shape().iter().product();
             let size = match view.dtype() {
-                safetensors::Dtype::F16 | safetensors::Dtype::BF16 | safetensors::Dtype::F32 | safetensors::Dtype::F64 => {
-                    dtype.size_in_bytes()
-                }
+                safetensors::Dtype::F16
+                | safetensors::Dtype::BF16
+                | safetensors::Dtype::F32
+                | safetensors::Dtype::F64 => dtype.size_in_bytes(),
                 other => other.bitsize() / 8,
             };
             (elems * size) as u64
@@ -282,18 +311,45 @@ fn weights_memory(files: &[PathBuf], dtype: DType) -> Result<u64, EngineError> {
 }
 
 fn read_config(dir: &Path) -> Result<Value, EngineError> {
-    let bytes = std::fs::read(dir.join("config.json")).map_err(|e| EngineError::Load(format!("reading config.json: {e}")))?;
-    serde_json::from_slice(&bytes).map_err(|e| EngineError::Load(format!("config.json does not parse: {e}")))
+    let bytes = std::fs::read(dir.join("config.json"))
+        .map_err(|e| EngineError::Load(format!("reading config.json: {e}")))?;
+    serde_json::from_slice(&bytes)
+        .map_err(|e| EngineError::Load(format!("config.json does not parse: {e}")))
+}
+
+/// Bytes the model in `dir` will take in memory at `dtype` (None: f32), from the weight headers
+/// only: what the manager checks against its memory budget before loading.
+pub fn estimate_memory(dir: &Path, dtype: Option<DType>) -> Result<u64, EngineError> {
+    let files = safetensors_files(dir)?;
+    if files.is_empty() {
+        return match gguf_file(dir) {
+            Some(path) => std::fs::metadata(&path)
+                .map(|m| m.len())
+                .map_err(|e| EngineError::Load(format!("reading {}: {e}", path.display()))),
+            None => Err(EngineError::Load(
+                "no safetensors or GGUF weights in the snapshot".into(),
+            )),
+        };
+    }
+    weights_memory(&files, dtype.unwrap_or(DType::F32))
 }
 
 /// Loads the model in `dir` (a snapshot the guard passed). Blocking: run it off the async
 /// runtime. `guard` is kept by the model's thread and dropped when it ends.
-pub fn load(dir: &Path, options: &LoadOptions, guard: Box<dyn Send>) -> Result<Arc<dyn Engine>, EngineError> {
+pub fn load(
+    dir: &Path,
+    options: &LoadOptions,
+    guard: Box<dyn Send>,
+) -> Result<Arc<dyn Engine>, EngineError> {
     let device = parse_device(&options.device)?;
     let dtype = options.dtype.unwrap_or(DType::F32);
-    let (runner, description, tokenizer_info) = if let Some(path) = gguf_file(dir).filter(|_| safetensors_files(dir).map(|f| f.is_empty()).unwrap_or(true)) {
-        let mut file = std::fs::File::open(&path).map_err(|e| EngineError::Load(format!("opening {}: {e}", path.display())))?;
-        let content = gguf_file::Content::read(&mut file).map_err(|e| EngineError::Load(format!("reading the GGUF header: {e}")))?;
+    let (runner, description, tokenizer_info) = if let Some(path) =
+        gguf_file(dir).filter(|_| safetensors_files(dir).map(|f| f.is_empty()).unwrap_or(true))
+    {
+        let mut file = std::fs::File::open(&path)
+            .map_err(|e| EngineError::Load(format!("opening {}: {e}", path.display())))?;
+        let content = gguf_file::Content::read(&mut file)
+            .map_err(|e| EngineError::Load(format!("reading the GGUF header: {e}")))?;
         let info = tokenizer::load(dir, None, Some(&content))?;
         let memory = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
         let lm = arch::load_gguf(&path, content, &device)?;
@@ -312,13 +368,25 @@ pub fn load(dir: &Path, options: &LoadOptions, guard: Box<dyn Send>) -> Result<A
         let config = read_config(dir)?;
         let files = safetensors_files(dir)?;
         if files.is_empty() {
-            return Err(EngineError::Load("no safetensors or GGUF weights in the snapshot".into()));
+            return Err(EngineError::Load(
+                "no safetensors or GGUF weights in the snapshot".into(),
+            ));
         }
         let memory = weights_memory(&files, dtype)?;
         let info = tokenizer::load(dir, Some(&config), None)?;
-        let model_type = config.get("model_type").and_then(Value::as_str).unwrap_or("");
+        let model_type = config
+            .get("model_type")
+            .and_then(Value::as_str)
+            .unwrap_or("");
         if model_type == "bert" {
-            let embedder = embed::Embedder::load(dir, &config, &files, info.tokenizer.clone(), dtype, &device)?;
+            let embedder = embed::Embedder::load(
+                dir,
+                &config,
+                &files,
+                info.tokenizer.clone(),
+                dtype,
+                &device,
+            )?;
             let description = ModelDescription {
                 kind: ModelKind::Embedder,
                 architecture: model_type.to_owned(),
@@ -347,7 +415,11 @@ pub fn load(dir: &Path, options: &LoadOptions, guard: Box<dyn Send>) -> Result<A
     };
 
     let chat_template = match tokenizer_info.chat_template.clone() {
-        Some(source) => Some(ChatTemplate::new(source, tokenizer_info.bos_token.clone(), tokenizer_info.eos_token.clone())?),
+        Some(source) => Some(ChatTemplate::new(
+            source,
+            tokenizer_info.bos_token.clone(),
+            tokenizer_info.eos_token.clone(),
+        )?),
         None => None,
     };
     let counters = Arc::new(Counters::default());
@@ -377,7 +449,9 @@ pub fn load(dir: &Path, options: &LoadOptions, guard: Box<dyn Send>) -> Result<A
 }
 
 /// Builds a `tokenizers` tokenizer from a GGUF file's metadata (byte-level BPE models).
-pub fn tokenizer_from_gguf(content: &gguf_file::Content) -> Result<tokenizers::Tokenizer, EngineError> {
+pub fn tokenizer_from_gguf(
+    content: &gguf_file::Content,
+) -> Result<tokenizers::Tokenizer, EngineError> {
     gguf_tokenizer::build(content)
 }
 
@@ -395,10 +469,16 @@ impl CandleEngine {
         self.slots
             .clone()
             .try_acquire_owned()
-            .map_err(|_| EngineError::QueueFull { limit: self.max_queue })
+            .map_err(|_| EngineError::QueueFull {
+                limit: self.max_queue,
+            })
     }
 
-    fn encode(&self, text: &str, add_special_tokens: bool) -> Result<tokenizers::Encoding, EngineError> {
+    fn encode(
+        &self,
+        text: &str,
+        add_special_tokens: bool,
+    ) -> Result<tokenizers::Encoding, EngineError> {
         self.tokenizer
             .encode(text, add_special_tokens)
             .map_err(|e| EngineError::Tokenizer(e.to_string()))
@@ -419,13 +499,20 @@ impl Engine for CandleEngine {
         }
     }
 
-    fn generate(&self, prompt: Prompt, params: &RawParams) -> Result<mpsc::UnboundedReceiver<StreamEvent>, EngineError> {
+    fn generate(
+        &self,
+        prompt: Prompt,
+        params: &RawParams,
+    ) -> Result<mpsc::UnboundedReceiver<StreamEvent>, EngineError> {
         let accepted_at = Instant::now();
         if self.description.kind != ModelKind::Generator {
             return Err(EngineError::NotAGenerativeModel);
         }
         let ids = match prompt {
-            Prompt::Text { text, add_special_tokens } => {
+            Prompt::Text {
+                text,
+                add_special_tokens,
+            } => {
                 validation::validate_prompt("prompt", &text)?;
                 self.encode(&text, add_special_tokens)?.get_ids().to_vec()
             }
@@ -446,7 +533,12 @@ impl Engine for CandleEngine {
                 message: "`prompt` must produce at least one token. Given: 0 tokens".into(),
             });
         }
-        let params = validation::validate(params, ids.len(), self.description.context_length, &self.limits)?;
+        let params = validation::validate(
+            params,
+            ids.len(),
+            self.description.context_length,
+            &self.limits,
+        )?;
         let permit = self.slot()?;
         let (events_tx, events_rx) = mpsc::unbounded_channel();
         self.jobs
@@ -462,7 +554,11 @@ impl Engine for CandleEngine {
         Ok(events_rx)
     }
 
-    fn tokenize(&self, text: &str, add_special_tokens: bool) -> Result<Vec<TokenPiece>, EngineError> {
+    fn tokenize(
+        &self,
+        text: &str,
+        add_special_tokens: bool,
+    ) -> Result<Vec<TokenPiece>, EngineError> {
         let encoding = self.encode(text, add_special_tokens)?;
         Ok(encoding
             .get_ids()
@@ -479,7 +575,11 @@ impl Engine for CandleEngine {
             .collect())
     }
 
-    fn embed(&self, inputs: Vec<String>, normalize: bool) -> Result<oneshot::Receiver<Result<Embeddings, EngineError>>, EngineError> {
+    fn embed(
+        &self,
+        inputs: Vec<String>,
+        normalize: bool,
+    ) -> Result<oneshot::Receiver<Result<Embeddings, EngineError>>, EngineError> {
         if self.description.kind != ModelKind::Embedder {
             return Err(EngineError::NotAnEmbeddingModel);
         }

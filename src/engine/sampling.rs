@@ -71,7 +71,11 @@ impl Sampler {
 
     /// Picks the next token from 1-D `logits` given every token so far; returns the token and,
     /// when requested, its log-probability under the (penalised, temperature-scaled) distribution.
-    pub fn sample(&mut self, logits: &Tensor, context: &[u32]) -> candle_core::Result<(u32, Option<f32>)> {
+    pub fn sample(
+        &mut self,
+        logits: &Tensor,
+        context: &[u32],
+    ) -> candle_core::Result<(u32, Option<f32>)> {
         let mut logits = logits.to_dtype(DType::F32)?;
         if self.params.repetition_penalty != 1.0 {
             let start = context.len().saturating_sub(self.params.repetition_last_n);
@@ -145,10 +149,15 @@ mod tests {
         let l = logits(&[0.1, 0.2, 0.3, 0.25, 0.15]);
         let run = || {
             let mut s = Sampler::new(params.clone());
-            (0..32).map(|_| s.sample(&l, &[]).unwrap().0).collect::<Vec<_>>()
+            (0..32)
+                .map(|_| s.sample(&l, &[]).unwrap().0)
+                .collect::<Vec<_>>()
         };
         assert_eq!(run(), run());
-        assert!(run().iter().any(|&t| t != run()[0]), "sampling varies within a run");
+        assert!(
+            run().iter().any(|&t| t != run()[0]),
+            "sampling varies within a run"
+        );
     }
 
     #[test]

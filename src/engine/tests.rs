@@ -34,11 +34,18 @@ fn greedy(max_tokens: i32) -> RawParams {
 }
 
 /// Runs a generation to the end: (tokens, completion).
-fn collect(engine: &dyn Engine, prompt: Prompt, params: &RawParams) -> (Vec<TokenEvent>, Completion) {
+fn collect(
+    engine: &dyn Engine,
+    prompt: Prompt,
+    params: &RawParams,
+) -> (Vec<TokenEvent>, Completion) {
     let mut rx = engine.generate(prompt, params).expect("generate");
     let mut tokens = Vec::new();
     loop {
-        match rx.blocking_recv().expect("stream ended without a completion") {
+        match rx
+            .blocking_recv()
+            .expect("stream ended without a completion")
+        {
             StreamEvent::Token(t) => tokens.push(t),
             StreamEvent::Done(c) => return (tokens, c),
             StreamEvent::Failed(e) => panic!("generation failed: {e}"),
@@ -49,7 +56,10 @@ fn collect(engine: &dyn Engine, prompt: Prompt, params: &RawParams) -> (Vec<Toke
 fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while !done() {
-        assert!(std::time::Instant::now() < deadline, "timed out waiting for {what}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
         std::thread::yield_now();
     }
 }
@@ -84,7 +94,10 @@ fn unsupported_architectures_are_refused_by_name() {
     let dir = tempfile::tempdir().unwrap();
     tiny::write_model_with(dir.path(), "llama", 1, |c| c["model_type"] = "mamba".into());
     match load(dir.path(), &LoadOptions::default(), Box::new(())) {
-        Err(EngineError::UnsupportedArchitecture { model_type, supported }) => {
+        Err(EngineError::UnsupportedArchitecture {
+            model_type,
+            supported,
+        }) => {
             assert_eq!(model_type, "mamba");
             assert!(supported.contains("qwen2"));
         }
@@ -110,7 +123,10 @@ fn text_stream_emits_only_complete_utf8_characters() {
     let ids = tokenizer.encode("aé日", false).unwrap().get_ids().to_vec();
     assert_eq!(ids.len(), 1 + 2 + 3, "one token per byte");
     let mut stream = TextStream::new();
-    let pieces: Vec<String> = ids.iter().map(|&id| stream.push(&tokenizer, id).unwrap()).collect();
+    let pieces: Vec<String> = ids
+        .iter()
+        .map(|&id| stream.push(&tokenizer, id).unwrap())
+        .collect();
     assert_eq!(pieces, ["a", "", "é", "", "", "日"]);
     // A sequence that stops inside a character flushes what it has.
     let mut stream = TextStream::new();
@@ -135,7 +151,11 @@ fn write_llama_without_eos(dir: &Path) {
     tiny::write_model_with(dir, "llama", 1, |c| {
         c.as_object_mut().unwrap().remove("eos_token_id");
     });
-    std::fs::write(dir.join("generation_config.json"), r#"{"eos_token_id": []}"#).unwrap();
+    std::fs::write(
+        dir.join("generation_config.json"),
+        r#"{"eos_token_id": []}"#,
+    )
+    .unwrap();
     std::fs::write(
         dir.join("tokenizer_config.json"),
         serde_json::json!({"chat_template": tiny::CHATML_TEMPLATE}).to_string(),
@@ -154,7 +174,11 @@ fn reference_run(dir: &Path) -> (Vec<TokenEvent>, Completion) {
 fn eos_ids_from_generation_config_end_generation() {
     let dir = tempfile::tempdir().unwrap();
     let (tokens, completion) = reference_run(dir.path());
-    assert_eq!(completion.finish_reason, FinishReason::Length, "no EOS configured");
+    assert_eq!(
+        completion.finish_reason,
+        FinishReason::Length,
+        "no EOS configured"
+    );
     assert_eq!(tokens.len(), 24);
     // Make the 5th generated token an end-of-sequence id (several ids allowed).
     let eos = tokens[4].id;
@@ -181,7 +205,10 @@ fn stop_strings_end_generation_and_are_not_emitted() {
     let emitted_before: String = tokens[..6].iter().map(|t| t.text.as_str()).collect();
     let stop: String = tokens[6..8].iter().map(|t| t.text.as_str()).collect();
     // The fixture is deterministic: these hold for its text (checked, not assumed).
-    assert!(stop.chars().count() >= 2 && !emitted_before.contains(&stop), "unusable stop string in {full:?}");
+    assert!(
+        stop.chars().count() >= 2 && !emitted_before.contains(&stop),
+        "unusable stop string in {full:?}"
+    );
     let engine = load_tiny(dir.path(), &LoadOptions::default());
     let params = RawParams {
         stop: vec![stop.clone()],
@@ -214,7 +241,10 @@ fn seeds_make_sampling_reproducible() {
         tokens.iter().map(|t| t.id).collect::<Vec<_>>()
     };
     assert_eq!(ids(7), ids(7));
-    assert!((1..6).any(|s| ids(s) != ids(7)), "different seeds should differ somewhere");
+    assert!(
+        (1..6).any(|s| ids(s) != ids(7)),
+        "different seeds should differ somewhere"
+    );
 }
 
 #[test]
@@ -286,16 +316,33 @@ fn concurrent_streams_progress_together() {
     };
     let ids_a = drain(&mut a);
     drain(&mut b);
-    assert_eq!(ids_a, alone.iter().map(|t| t.id).collect::<Vec<_>>(), "interleaving does not change results");
+    assert_eq!(
+        ids_a,
+        alone.iter().map(|t| t.id).collect::<Vec<_>>(),
+        "interleaving does not change results"
+    );
 }
 
 #[test]
 fn validation_errors_come_before_queueing() {
     let (_dir, engine) = tiny_llama(&LoadOptions::default());
     let err = engine.generate(text(""), &greedy(1)).unwrap_err();
-    assert!(matches!(err, EngineError::Validation { field: "prompt", .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            EngineError::Validation {
+                field: "prompt",
+                ..
+            }
+        ),
+        "{err}"
+    );
     let err = engine.generate(text("x"), &greedy(600)).unwrap_err();
-    assert!(err.to_string().contains("must be <= 512 (the model's context length)"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("must be <= 512 (the model's context length)"),
+        "{err}"
+    );
     assert_eq!(engine.stats().in_flight, 0);
 }
 
@@ -306,7 +353,10 @@ fn tokenize_returns_ids_pieces_offsets_and_special_flags() {
     assert_eq!(pieces.len(), 3);
     assert_eq!(pieces[0].id, tiny::IM_START);
     assert!(pieces[0].special);
-    assert_eq!((pieces[1].piece.as_str(), pieces[1].start, pieces[1].end), ("h", 12, 13));
+    assert_eq!(
+        (pieces[1].piece.as_str(), pieces[1].start, pieces[1].end),
+        ("h", 12, 13)
+    );
     assert!(!pieces[1].special);
 }
 
@@ -322,8 +372,16 @@ fn chat_renders_the_template_and_generates() {
     let (_, completion) = collect(engine.as_ref(), Prompt::Chat(messages), &greedy(4));
     let expected_prompt = engine.tokenize(&rendered, false).unwrap().len();
     assert_eq!(completion.prompt_tokens, expected_prompt);
-    let err = engine.generate(Prompt::Chat(vec![]), &greedy(4)).unwrap_err();
-    assert!(matches!(err, EngineError::Validation { field: "messages", .. }));
+    let err = engine
+        .generate(Prompt::Chat(vec![]), &greedy(4))
+        .unwrap_err();
+    assert!(matches!(
+        err,
+        EngineError::Validation {
+            field: "messages",
+            ..
+        }
+    ));
 }
 
 #[test]
@@ -336,7 +394,10 @@ fn models_without_a_chat_template_refuse_chat() {
         role: "user".into(),
         content: "Hi".into(),
     }];
-    assert!(matches!(engine.generate(Prompt::Chat(messages), &greedy(1)), Err(EngineError::NoChatTemplate)));
+    assert!(matches!(
+        engine.generate(Prompt::Chat(messages), &greedy(1)),
+        Err(EngineError::NoChatTemplate)
+    ));
     assert!(!engine.description().has_chat_template);
 }
 
@@ -355,7 +416,10 @@ fn embeddings_are_unit_length_and_independent_of_batch_padding() {
             .unwrap()
     };
     let alone = embed(&["short"], true);
-    let batch = embed(&["short", "a much longer sentence that needs padding"], true);
+    let batch = embed(
+        &["short", "a much longer sentence that needs padding"],
+        true,
+    );
     assert_eq!(batch.vectors.len(), 2);
     assert_eq!(batch.dimensions, 32);
     for v in &batch.vectors {
@@ -367,10 +431,19 @@ fn embeddings_are_unit_length_and_independent_of_batch_padding() {
     }
     let raw = embed(&["short"], false);
     let norm: f32 = raw.vectors[0].iter().map(|x| x * x).sum::<f32>().sqrt();
-    assert!((norm - 1.0).abs() > 1e-3, "unnormalized vectors keep their length");
-    assert!(matches!(engine.generate(text("x"), &greedy(1)), Err(EngineError::NotAGenerativeModel)));
+    assert!(
+        (norm - 1.0).abs() > 1e-3,
+        "unnormalized vectors keep their length"
+    );
+    assert!(matches!(
+        engine.generate(text("x"), &greedy(1)),
+        Err(EngineError::NotAGenerativeModel)
+    ));
     let (_d, llama) = tiny_llama(&LoadOptions::default());
-    assert!(matches!(llama.embed(vec!["x".into()], true), Err(EngineError::NotAnEmbeddingModel)));
+    assert!(matches!(
+        llama.embed(vec!["x".into()], true),
+        Err(EngineError::NotAnEmbeddingModel)
+    ));
 }
 
 #[test]
@@ -384,7 +457,12 @@ fn the_engine_thread_ends_and_drops_its_guard_when_the_engine_is_dropped() {
     let dir = tempfile::tempdir().unwrap();
     tiny::write_model(dir.path(), "llama", 1);
     let dropped = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let engine = load(dir.path(), &LoadOptions::default(), Box::new(Flag(dropped.clone()))).unwrap();
+    let engine = load(
+        dir.path(),
+        &LoadOptions::default(),
+        Box::new(Flag(dropped.clone())),
+    )
+    .unwrap();
     // A stream still running when the engine goes keeps the thread until it completes.
     let mut rx = engine.generate(text("abc"), &greedy(30)).unwrap();
     drop(engine);
@@ -392,6 +470,11 @@ fn the_engine_thread_ends_and_drops_its_guard_when_the_engine_is_dropped() {
     while let Some(event) = rx.blocking_recv() {
         done |= matches!(event, StreamEvent::Done(_));
     }
-    assert!(done, "the running stream completed after the engine was dropped");
-    wait_until("the engine thread to end", || dropped.load(std::sync::atomic::Ordering::SeqCst));
+    assert!(
+        done,
+        "the running stream completed after the engine was dropped"
+    );
+    wait_until("the engine thread to end", || {
+        dropped.load(std::sync::atomic::Ordering::SeqCst)
+    });
 }

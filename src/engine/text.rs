@@ -93,7 +93,11 @@ impl StopMatcher {
         let found = self
             .stops
             .iter()
-            .filter_map(|s| self.pending.find(s.as_str()).map(|at| (at, std::cmp::Reverse(s.len()), s)))
+            .filter_map(|s| {
+                self.pending
+                    .find(s.as_str())
+                    .map(|at| (at, std::cmp::Reverse(s.len()), s))
+            })
             .min();
         if let Some((at, _, stop)) = found {
             let text = self.pending[..at].to_owned();

@@ -45,7 +45,10 @@ fn read_json(dir: &Path, name: &str) -> Result<Option<Value>, EngineError> {
 fn token_string(value: Option<&Value>) -> Option<String> {
     match value? {
         Value::String(s) => Some(s.clone()),
-        Value::Object(map) => map.get("content").and_then(Value::as_str).map(str::to_owned),
+        Value::Object(map) => map
+            .get("content")
+            .and_then(Value::as_str)
+            .map(str::to_owned),
         _ => None,
     }
 }
@@ -54,7 +57,11 @@ fn token_string(value: Option<&Value>) -> Option<String> {
 fn ids(value: Option<&Value>) -> Vec<u32> {
     match value {
         Some(Value::Number(n)) => n.as_u64().map(|n| vec![n as u32]).unwrap_or_default(),
-        Some(Value::Array(items)) => items.iter().filter_map(|v| v.as_u64()).map(|n| n as u32).collect(),
+        Some(Value::Array(items)) => items
+            .iter()
+            .filter_map(|v| v.as_u64())
+            .map(|n| n as u32)
+            .collect(),
         _ => Vec::new(),
     }
 }
@@ -79,7 +86,11 @@ fn chat_template_from(config: Option<&Value>, dir: &Path) -> Result<Option<Strin
                     .and_then(Value::as_str)
             };
             named("default")
-                .or_else(|| list.first().and_then(|t| t.get("template")).and_then(Value::as_str))
+                .or_else(|| {
+                    list.first()
+                        .and_then(|t| t.get("template"))
+                        .and_then(Value::as_str)
+                })
                 .map(str::to_owned)
         }
         _ => None,
@@ -97,7 +108,11 @@ fn special_ids(tokenizer: &Tokenizer) -> HashSet<u32> {
 
 /// Loads the tokenizer of a snapshot folder. `gguf` supplies metadata when the folder holds a
 /// GGUF model.
-pub fn load(dir: &Path, model_config: Option<&Value>, gguf: Option<&gguf_file::Content>) -> Result<TokenizerInfo, EngineError> {
+pub fn load(
+    dir: &Path,
+    model_config: Option<&Value>,
+    gguf: Option<&gguf_file::Content>,
+) -> Result<TokenizerInfo, EngineError> {
     let tokenizer_config = read_json(dir, "tokenizer_config.json")?;
     let generation_config = read_json(dir, "generation_config.json")?;
     let tokenizer_path = dir.join("tokenizer.json");
@@ -113,7 +128,9 @@ pub fn load(dir: &Path, model_config: Option<&Value>, gguf: Option<&gguf_file::C
     };
 
     let mut eos_ids = BTreeSet::new();
-    eos_ids.extend(ids(generation_config.as_ref().and_then(|c| c.get("eos_token_id"))));
+    eos_ids.extend(ids(generation_config
+        .as_ref()
+        .and_then(|c| c.get("eos_token_id"))));
     eos_ids.extend(ids(model_config.and_then(|c| c.get("eos_token_id"))));
     let mut bos_token = token_string(tokenizer_config.as_ref().and_then(|c| c.get("bos_token")));
     let mut eos_token = token_string(tokenizer_config.as_ref().and_then(|c| c.get("eos_token")));
@@ -157,7 +174,11 @@ mod tests {
     fn eos_ids_are_collected_from_every_source() {
         let dir = tempfile::tempdir().unwrap();
         tiny::write_tokenizer_files(dir.path());
-        std::fs::write(dir.path().join("generation_config.json"), r#"{"eos_token_id": [7, 8]}"#).unwrap();
+        std::fs::write(
+            dir.path().join("generation_config.json"),
+            r#"{"eos_token_id": [7, 8]}"#,
+        )
+        .unwrap();
         let config: Value = serde_json::from_str(r#"{"eos_token_id": 9}"#).unwrap();
         let info = load(dir.path(), Some(&config), None).unwrap();
         let im_end = info.tokenizer.token_to_id("<|im_end|>").unwrap();
@@ -173,8 +194,18 @@ mod tests {
         let config: Value =
             serde_json::from_str(r#"{"chat_template": [{"name": "tool_use", "template": "T"}, {"name": "default", "template": "D"}]}"#)
                 .unwrap();
-        assert_eq!(chat_template_from(Some(&config), dir.path()).unwrap().as_deref(), Some("D"));
+        assert_eq!(
+            chat_template_from(Some(&config), dir.path())
+                .unwrap()
+                .as_deref(),
+            Some("D")
+        );
         std::fs::write(dir.path().join("chat_template.jinja"), "J").unwrap();
-        assert_eq!(chat_template_from(Some(&config), dir.path()).unwrap().as_deref(), Some("J"));
+        assert_eq!(
+            chat_template_from(Some(&config), dir.path())
+                .unwrap()
+                .as_deref(),
+            Some("J")
+        );
     }
 }

@@ -115,7 +115,10 @@ pub fn validate(
     let any_sampling = raw.top_p.is_some() || raw.top_k.is_some() || raw.seed.is_some();
     let temperature = match raw.temperature {
         Some(t) if !t.is_finite() || t < 0.0 => {
-            return Err(invalid("temperature", format!("`temperature` must be >= 0. Given: {t}")))
+            return Err(invalid(
+                "temperature",
+                format!("`temperature` must be >= 0. Given: {t}"),
+            ))
         }
         Some(t) => t as f64,
         None if any_sampling => 1.0,
@@ -123,13 +126,21 @@ pub fn validate(
     };
     let top_p = match raw.top_p {
         Some(p) if !(p > 0.0 && p <= 1.0) => {
-            return Err(invalid("top_p", format!("`top_p` must be > 0 and <= 1. Given: {p}")))
+            return Err(invalid(
+                "top_p",
+                format!("`top_p` must be > 0 and <= 1. Given: {p}"),
+            ))
         }
         Some(p) => p as f64,
         None => 1.0,
     };
     let top_k = match raw.top_k {
-        Some(k) if k < 0 => return Err(invalid("top_k", format!("`top_k` must be >= 0. Given: {k}"))),
+        Some(k) if k < 0 => {
+            return Err(invalid(
+                "top_k",
+                format!("`top_k` must be >= 0. Given: {k}"),
+            ))
+        }
         Some(k) => k as usize,
         None => 0,
     };
@@ -165,7 +176,10 @@ pub fn validate(
     }
     for s in &raw.stop {
         if s.is_empty() {
-            return Err(invalid("stop", "`stop` strings must not be empty. Given: \"\"".into()));
+            return Err(invalid(
+                "stop",
+                "`stop` strings must not be empty. Given: \"\"".into(),
+            ));
         }
         if s.len() > limits.max_stop_bytes {
             return Err(invalid(
@@ -241,16 +255,32 @@ mod tests {
         let v = check(RawParams::default()).unwrap();
         assert_eq!(v.sampling.temperature, 0.0);
         assert_eq!(v.max_tokens, 90, "default 256 bounded by 100 - 10");
-        let v = check(RawParams { seed: Some(3), ..Default::default() }).unwrap();
-        assert_eq!(v.sampling.temperature, 1.0, "a seed alone asks for sampling");
-        let v = check(RawParams { temperature: Some(0.0), top_k: Some(0), ..Default::default() }).unwrap();
+        let v = check(RawParams {
+            seed: Some(3),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(
+            v.sampling.temperature, 1.0,
+            "a seed alone asks for sampling"
+        );
+        let v = check(RawParams {
+            temperature: Some(0.0),
+            top_k: Some(0),
+            ..Default::default()
+        })
+        .unwrap();
         assert_eq!((v.sampling.temperature, v.sampling.top_k), (0.0, 0));
     }
 
     #[test]
     fn prompts_that_fill_the_context_are_refused() {
         let err = validate(&RawParams::default(), 100, 100, &Limits::default()).unwrap_err();
-        assert!(err.to_string().contains("fewer tokens than the model's context length (100). Given: 100"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("fewer tokens than the model's context length (100). Given: 100"),
+            "{err}"
+        );
         assert!(validate_prompt("prompt", "").is_err());
     }
 }

@@ -62,7 +62,9 @@ pub struct Counters {
     pub cancelled: AtomicU64,
 }
 
-/// What the thread owns.
+/// What the thread owns. One per engine thread, never moved around: the size difference between
+/// the variants does not matter.
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum Runner {
     Generator {
         base: Option<Box<dyn CausalLm>>,
@@ -138,7 +140,9 @@ impl Worker {
     /// How many sequences may be active: one for architectures that cannot fork.
     fn capacity(&self) -> usize {
         match &self.runner {
-            Runner::Generator { base: Some(base), .. } if base.forkable() => self.max_concurrent.max(1),
+            Runner::Generator {
+                base: Some(base), ..
+            } if base.forkable() => self.max_concurrent.max(1),
             Runner::Generator { .. } => 1,
             Runner::Embedder(_) => 1,
         }
@@ -166,7 +170,9 @@ impl Worker {
                     _ => base.take(),
                 };
                 let Some(model) = forked else {
-                    let _ = job.events.send(StreamEvent::Failed("the model could not start a sequence".into()));
+                    let _ = job.events.send(StreamEvent::Failed(
+                        "the model could not start a sequence".into(),
+                    ));
                     return;
                 };
                 let prompt_len = job.prompt.len();
@@ -189,7 +195,9 @@ impl Worker {
                 });
             }
             (Job::Generate(job), Runner::Embedder(_)) => {
-                let _ = job.events.send(StreamEvent::Failed(EngineError::NotAGenerativeModel.to_string()));
+                let _ = job.events.send(StreamEvent::Failed(
+                    EngineError::NotAGenerativeModel.to_string(),
+                ));
             }
         }
     }
@@ -245,15 +253,26 @@ impl Worker {
 }
 
 impl Sequence {
-    fn step(&mut self, tokenizer: &Tokenizer, eos_ids: &BTreeSet<u32>, special_ids: &HashSet<u32>) -> Result<Step, String> {
+    fn step(
+        &mut self,
+        tokenizer: &Tokenizer,
+        eos_ids: &BTreeSet<u32>,
+        special_ids: &HashSet<u32>,
+    ) -> Result<Step, String> {
         let (input, pos) = if self.generated == 0 {
             (&self.tokens[..], 0)
         } else {
             let last = self.tokens.len() - 1;
             (&self.tokens[last..], last)
         };
-        let logits = self.model.forward(input, pos).map_err(|e| format!("forward pass: {e}"))?;
-        let (token, logprob) = self.sampler.sample(&logits, &self.tokens).map_err(|e| format!("sampling: {e}"))?;
+        let logits = self
+            .model
+            .forward(input, pos)
+            .map_err(|e| format!("forward pass: {e}"))?;
+        let (token, logprob) = self
+            .sampler
+            .sample(&logits, &self.tokens)
+            .map_err(|e| format!("sampling: {e}"))?;
         self.tokens.push(token);
         self.generated += 1;
         self.first_token_at.get_or_insert_with(Instant::now);
@@ -263,12 +282,26 @@ impl Sequence {
             let (text, stop) = self.finish_text(tokenizer)?;
             return Ok(self.end(token, text, logprob, special, stop, FinishReason::EosToken));
         }
-        let piece = self.text.push(tokenizer, token).map_err(|e| format!("decoding: {e}"))?;
+        let piece = self
+            .text
+            .push(tokenizer, token)
+            .map_err(|e| format!("decoding: {e}"))?;
         match self.stops.push(&piece) {
-            StopOutcome::Stop { text, stop } => Ok(self.end(token, text, logprob, special, Some(stop), FinishReason::StopSequence)),
+            StopOutcome::Stop { text, stop } => Ok(self.end(
+                token,
+                text,
+                logprob,
+                special,
+                Some(stop),
+                FinishReason::StopSequence,
+            )),
             StopOutcome::Continue(text) if self.generated >= self.max_tokens => {
                 let (rest, stop) = self.finish_text(tokenizer)?;
-                let reason = if stop.is_some() { FinishReason::StopSequence } else { FinishReason::Length };
+                let reason = if stop.is_some() {
+                    FinishReason::StopSequence
+                } else {
+                    FinishReason::Length
+                };
                 Ok(self.end(token, text + &rest, logprob, special, stop, reason))
             }
             StopOutcome::Continue(text) => {
@@ -279,7 +312,11 @@ impl Sequence {
                     logprob,
                     special,
                 });
-                Ok(if self.events.send(event).is_ok() { Step::Continue } else { Step::Done })
+                Ok(if self.events.send(event).is_ok() {
+                    Step::Continue
+                } else {
+                    Step::Done
+                })
             }
         }
     }
@@ -287,7 +324,10 @@ impl Sequence {
     /// Flushes the detokenizer and the stop matcher at the end of a sequence: the remaining text
     /// and the stop string it completed, if any.
     fn finish_text(&mut self, tokenizer: &Tokenizer) -> Result<(String, Option<String>), String> {
-        let rest = self.text.flush(tokenizer).map_err(|e| format!("decoding: {e}"))?;
+        let rest = self
+            .text
+            .flush(tokenizer)
+            .map_err(|e| format!("decoding: {e}"))?;
         Ok(match self.stops.push(&rest) {
             StopOutcome::Stop { text, stop } => (text, Some(stop)),
             StopOutcome::Continue(text) => (text + &self.stops.flush(), None),

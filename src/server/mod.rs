@@ -41,9 +41,14 @@ pub async fn serve(
     tracing::debug!(?config, "configuration");
 
     let (reporter, health_service) = tonic_health::server::health_reporter();
-    // The engine publishes readiness here; until it exists nothing is ever ready.
+    // The model registry publishes "at least one model is loaded" here.
     let (ready_tx, ready_rx) = watch::channel(false);
     let health = health::Health::start(reporter, ready_rx).await;
+    let manager = Arc::new(Manager::new(
+        config.cache_dir.clone(),
+        config.engine.clone(),
+        ready_tx,
+    ));
 
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
@@ -56,7 +61,6 @@ pub async fn serve(
         .build_v1alpha()
         .context("building the reflection service (v1alpha)")?;
 
-    let manager = Arc::new(Manager::new(config.cache_dir.clone()));
     let drain = Drain::new();
     let router = Server::builder()
         .trace_fn(|req| tracing::info_span!("rpc", method = %req.uri().path()))
@@ -65,10 +69,10 @@ pub async fn serve(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(pb::model_admin_server::ModelAdminServer::new(
-            AdminApi::new(manager),
+            AdminApi::new(manager.clone()),
         ))
         .add_service(pb::inference_server::InferenceServer::new(
-            InferenceApi::new(),
+            InferenceApi::new(manager.clone()),
         ));
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let mut server = tokio::spawn(router.serve_with_incoming_shutdown(incoming, drain.stopped()));
@@ -107,7 +111,7 @@ pub async fn serve(
             server.abort();
         }
     }
-    drop(ready_tx);
+    drop(manager);
     tracing::info!("lmx stopped");
     Ok(())
 }

@@ -22,7 +22,10 @@ fn meta_u64(content: &gguf_file::Content, key: &str) -> anyhow::Result<u64> {
 }
 
 fn meta_f64(content: &gguf_file::Content, key: &str) -> anyhow::Result<f64> {
-    let v = content.metadata.get(key).ok_or_else(|| anyhow!("GGUF metadata lacks {key}"))?;
+    let v = content
+        .metadata
+        .get(key)
+        .ok_or_else(|| anyhow!("GGUF metadata lacks {key}"))?;
     v.to_f32()
         .map(f64::from)
         .or_else(|_| v.to_f64())
@@ -40,8 +43,12 @@ fn hf_name(name: &str) -> anyhow::Result<(String, Option<bool>)> {
     if let Some(s) = simple {
         return Ok((s.to_owned(), None));
     }
-    let rest = name.strip_prefix("blk.").ok_or_else(|| anyhow!("unexpected tensor {name}"))?;
-    let (layer, part) = rest.split_once('.').ok_or_else(|| anyhow!("unexpected tensor {name}"))?;
+    let rest = name
+        .strip_prefix("blk.")
+        .ok_or_else(|| anyhow!("unexpected tensor {name}"))?;
+    let (layer, part) = rest
+        .split_once('.')
+        .ok_or_else(|| anyhow!("unexpected tensor {name}"))?;
     let (hf, permute) = match part {
         "attn_norm.weight" => ("input_layernorm.weight", None),
         "attn_q.weight" => ("self_attn.q_proj.weight", Some(true)),
@@ -61,12 +68,15 @@ fn hf_name(name: &str) -> anyhow::Result<(String, Option<bool>)> {
 fn unpermute(t: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
     let (out, inp) = t.dims2()?;
     let half = out / heads / 2;
-    t.reshape((heads, half, 2, inp))?.transpose(1, 2)?.reshape((out, inp))
+    t.reshape((heads, half, 2, inp))?
+        .transpose(1, 2)?
+        .reshape((out, inp))
 }
 
 /// See the module docs.
 pub fn gguf_llama_to_hf(gguf: &Path, out: &Path, shards: usize) -> anyhow::Result<()> {
-    let mut file = std::fs::File::open(gguf).with_context(|| format!("opening {}", gguf.display()))?;
+    let mut file =
+        std::fs::File::open(gguf).with_context(|| format!("opening {}", gguf.display()))?;
     let content = gguf_file::Content::read(&mut file).context("reading the GGUF header")?;
     let arch = content
         .metadata
@@ -74,7 +84,10 @@ pub fn gguf_llama_to_hf(gguf: &Path, out: &Path, shards: usize) -> anyhow::Resul
         .and_then(|v| v.to_string().ok())
         .cloned()
         .unwrap_or_default();
-    anyhow::ensure!(arch == "llama", "only llama GGUF files convert, not {arch:?}");
+    anyhow::ensure!(
+        arch == "llama",
+        "only llama GGUF files convert, not {arch:?}"
+    );
     let heads = meta_u64(&content, "llama.attention.head_count")? as usize;
     let kv_heads = meta_u64(&content, "llama.attention.head_count_kv")? as usize;
 
@@ -120,7 +133,10 @@ pub fn gguf_llama_to_hf(gguf: &Path, out: &Path, shards: usize) -> anyhow::Resul
         candle_core::safetensors::save(&map, out.join(&file_name))?;
     }
     let index = json!({"metadata": {"total_size": total}, "weight_map": weight_map});
-    std::fs::write(out.join("model.safetensors.index.json"), serde_json::to_vec_pretty(&index)?)?;
+    std::fs::write(
+        out.join("model.safetensors.index.json"),
+        serde_json::to_vec_pretty(&index)?,
+    )?;
 
     let tokenizer = crate::engine::tokenizer_from_gguf(&content)?;
     tokenizer
@@ -128,7 +144,9 @@ pub fn gguf_llama_to_hf(gguf: &Path, out: &Path, shards: usize) -> anyhow::Resul
         .map_err(|e| anyhow!("saving tokenizer.json: {e}"))?;
     let token = |key: &str| -> anyhow::Result<(u64, String)> {
         let id = meta_u64(&content, key)?;
-        let text = tokenizer.id_to_token(id as u32).ok_or_else(|| anyhow!("{key} {id} not in the vocabulary"))?;
+        let text = tokenizer
+            .id_to_token(id as u32)
+            .ok_or_else(|| anyhow!("{key} {id} not in the vocabulary"))?;
         Ok((id, text))
     };
     let (bos_id, bos) = token("tokenizer.ggml.bos_token_id")?;
@@ -166,7 +184,10 @@ pub fn gguf_llama_to_hf(gguf: &Path, out: &Path, shards: usize) -> anyhow::Resul
         "bos_token": bos, "eos_token": eos, "chat_template": template,
         "model_max_length": meta_u64(&content, "llama.context_length")?,
     });
-    std::fs::write(out.join("tokenizer_config.json"), serde_json::to_vec_pretty(&tokenizer_config)?)?;
+    std::fs::write(
+        out.join("tokenizer_config.json"),
+        serde_json::to_vec_pretty(&tokenizer_config)?,
+    )?;
     Ok(())
 }
 

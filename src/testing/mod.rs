@@ -40,6 +40,26 @@ impl RepoFiles {
     pub fn size(&self) -> u64 {
         self.0.values().map(|v| v.len() as u64).sum()
     }
+
+    /// Every file under `dir` (recursively), by relative path.
+    pub fn from_dir(dir: &Path) -> Self {
+        let mut files = Self::default();
+        for entry in walkdir::WalkDir::new(dir).into_iter().flatten() {
+            if entry.file_type().is_file() {
+                let rel = entry.path().strip_prefix(dir).expect("under dir");
+                let rel = rel.to_string_lossy().replace('\\', "/");
+                files.insert(&rel, fs::read(entry.path()).expect("read fixture file"));
+            }
+        }
+        files
+    }
+}
+
+/// A tiny random model of `arch` (see [`tiny`]) as repository files.
+pub fn tiny_repo(arch: &str, seed: u64) -> RepoFiles {
+    let dir = tempfile::tempdir().expect("tempdir");
+    tiny::write_model(dir.path(), arch, seed);
+    RepoFiles::from_dir(dir.path())
 }
 
 /// Deterministic pseudo-random bytes (xorshift), for tensor data.

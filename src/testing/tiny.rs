@@ -34,7 +34,11 @@ pub fn tokenizer_json() -> Value {
         .enumerate()
         .map(|(i, c)| (c.to_string(), i as u32))
         .collect();
-    let specials = [("<|endoftext|>", ENDOFTEXT), ("<|im_start|>", IM_START), ("<|im_end|>", IM_END)];
+    let specials = [
+        ("<|endoftext|>", ENDOFTEXT),
+        ("<|im_start|>", IM_START),
+        ("<|im_end|>", IM_END),
+    ];
     for (token, id) in specials {
         vocab.insert(token.to_owned(), id);
     }
@@ -64,7 +68,8 @@ pub fn tokenizer_json() -> Value {
 pub fn write_tokenizer_files(dir: &Path) {
     std::fs::create_dir_all(dir).expect("model folder");
     let write = |name: &str, value: &Value| {
-        std::fs::write(dir.join(name), serde_json::to_vec_pretty(value).unwrap()).expect("write fixture")
+        std::fs::write(dir.join(name), serde_json::to_vec_pretty(value).unwrap())
+            .expect("write fixture")
     };
     write("tokenizer.json", &tokenizer_json());
     write(
@@ -74,7 +79,15 @@ pub fn write_tokenizer_files(dir: &Path) {
 }
 
 /// Architectures [`write_model`] can build.
-pub const ARCHITECTURES: &[&str] = &["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text"];
+pub const ARCHITECTURES: &[&str] = &[
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "phi3",
+    "gemma2",
+    "gemma3_text",
+];
 
 /// The tiny config.json of an architecture.
 pub fn config(arch: &str) -> Value {
@@ -87,17 +100,23 @@ pub fn config(arch: &str) -> Value {
     });
     let extra = match arch {
         "mistral" => json!({"sliding_window": 256, "tie_word_embeddings": false}),
-        "qwen2" => json!({"sliding_window": 512, "max_window_layers": 2, "use_sliding_window": false}),
+        "qwen2" => {
+            json!({"sliding_window": 512, "max_window_layers": 2, "use_sliding_window": false})
+        }
         "qwen3" => json!({"head_dim": 16, "attention_bias": false, "sliding_window": null,
                           "max_window_layers": 2, "use_sliding_window": false}),
         "phi3" => json!({"tie_word_embeddings": false}),
-        "gemma2" => json!({"attention_bias": false, "head_dim": 16, "hidden_activation": "gelu_pytorch_tanh",
+        "gemma2" => {
+            json!({"attention_bias": false, "head_dim": 16, "hidden_activation": "gelu_pytorch_tanh",
                            "final_logit_softcapping": 30.0, "attn_logit_softcapping": 50.0,
-                           "query_pre_attn_scalar": 16, "sliding_window": 256}),
-        "gemma3_text" => json!({"attention_bias": false, "head_dim": 16, "hidden_activation": "gelu_pytorch_tanh",
+                           "query_pre_attn_scalar": 16, "sliding_window": 256})
+        }
+        "gemma3_text" => {
+            json!({"attention_bias": false, "head_dim": 16, "hidden_activation": "gelu_pytorch_tanh",
                                 "final_logit_softcapping": null, "attn_logit_softcapping": null,
                                 "query_pre_attn_scalar": 16, "sliding_window": 256, "sliding_window_pattern": 2,
-                                "rope_local_base_freq": 10000.0}),
+                                "rope_local_base_freq": 10000.0})
+        }
         _ => json!({}),
     };
     let mut config = common;
@@ -182,9 +201,15 @@ pub fn write_model_with(dir: &Path, arch: &str, seed: u64, edit: impl FnOnce(&mu
     let mut config = config(arch);
     let varmap = build_varmap(arch, &config).expect("build tiny model");
     fill_deterministic(&varmap, seed).expect("fill tiny weights");
-    varmap.save(dir.join("model.safetensors")).expect("save tiny weights");
+    varmap
+        .save(dir.join("model.safetensors"))
+        .expect("save tiny weights");
     edit(&mut config);
-    std::fs::write(dir.join("config.json"), serde_json::to_vec_pretty(&config).unwrap()).unwrap();
+    std::fs::write(
+        dir.join("config.json"),
+        serde_json::to_vec_pretty(&config).unwrap(),
+    )
+    .unwrap();
     std::fs::write(
         dir.join("generation_config.json"),
         serde_json::to_vec(&json!({"eos_token_id": [IM_END, ENDOFTEXT]})).unwrap(),
@@ -204,8 +229,18 @@ pub fn write_bert(dir: &Path, seed: u64) {
     });
     let varmap = build_varmap("bert", &config).expect("build tiny bert");
     fill_deterministic(&varmap, seed).expect("fill tiny bert");
-    varmap.save(dir.join("model.safetensors")).expect("save tiny bert");
-    std::fs::write(dir.join("config.json"), serde_json::to_vec_pretty(&config).unwrap()).unwrap();
-    std::fs::write(dir.join("1_Pooling/config.json"), br#"{"pooling_mode_mean_tokens": true}"#).unwrap();
+    varmap
+        .save(dir.join("model.safetensors"))
+        .expect("save tiny bert");
+    std::fs::write(
+        dir.join("config.json"),
+        serde_json::to_vec_pretty(&config).unwrap(),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("1_Pooling/config.json"),
+        br#"{"pooling_mode_mean_tokens": true}"#,
+    )
+    .unwrap();
     write_tokenizer_files(dir);
 }

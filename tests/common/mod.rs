@@ -4,6 +4,7 @@
 
 #![allow(dead_code)]
 
+pub mod models;
 pub mod tools;
 
 use std::{net::SocketAddr, path::Path};

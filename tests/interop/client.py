@@ -64,10 +64,17 @@ def main() -> None:
 
         admin = admin_pb2_grpc.ModelAdminStub(channel)
         try:
-            admin.ListModels(admin_pb2.ListModelsRequest(), timeout=10)
-            report["calls"]["ListModels"] = {"code": "OK"}
+            reply = admin.ListModels(admin_pb2.ListModelsRequest(), timeout=10)
+            report["calls"]["ListModels"] = {"code": "OK", "models": len(reply.models)}
         except grpc.RpcError as err:
             report["calls"]["ListModels"] = describe_error(err)
+
+        try:
+            for _ in admin.DownloadModel(admin_pb2.DownloadModelRequest(model_id="org/m"), timeout=10):
+                pass
+            report["calls"]["DownloadModel"] = {"code": "OK"}
+        except grpc.RpcError as err:
+            report["calls"]["DownloadModel"] = describe_error(err)
 
         try:
             reply = admin.VerifyModel(
