@@ -502,6 +502,72 @@ fn put_endless(server: &TestServer, repo: &str) {
 }
 
 #[tokio::test]
+async fn stop_strings_and_end_of_sequence_ids_end_streams() {
+    let server = TestServer::start().await;
+    put_endless(&server, "tiny/endless");
+    let mut c = clients(&server).await;
+    load(&mut c.admin, "tiny/endless", None).await.unwrap();
+    let (reference, completion) = generate(
+        &mut c.inference,
+        generate_request("tiny/endless", "abc", params(24)),
+    )
+    .await
+    .unwrap();
+    assert_eq!(completion.finish_reason(), pb::FinishReason::Length);
+    assert_eq!(reference.len(), 24);
+
+    // A stop string spanning the boundary of tokens 6 and 7: matched, not emitted.
+    let before: String = reference[..6].iter().map(|t| t.text.as_str()).collect();
+    let stop: String = reference[6..8].iter().map(|t| t.text.as_str()).collect();
+    assert!(
+        stop.chars().count() >= 2 && !before.contains(&stop),
+        "fixture text {:?}",
+        completion.text
+    );
+    let with_stop = Some(pb::GenerationParameters {
+        stop: vec![stop.clone(), "never matches".into()],
+        ..params(24).unwrap()
+    });
+    let (tokens, completion) = generate(
+        &mut c.inference,
+        generate_request("tiny/endless", "abc", with_stop),
+    )
+    .await
+    .unwrap();
+    assert_eq!(completion.finish_reason(), pb::FinishReason::StopSequence);
+    assert_eq!(completion.stop_sequence, stop);
+    assert_eq!(completion.text, before);
+    assert_eq!(
+        tokens.iter().map(|t| t.text.as_str()).collect::<String>(),
+        before
+    );
+
+    // The 5th generated token as an end-of-sequence id of another copy of the model.
+    let eos = reference[4].id;
+    let first = reference.iter().position(|t| t.id == eos).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    testing::tiny::write_model_with(dir.path(), "llama", 1, |c| {
+        c.as_object_mut().unwrap().remove("eos_token_id");
+    });
+    std::fs::write(
+        dir.path().join("generation_config.json"),
+        format!(r#"{{"eos_token_id": [{eos}, 9999]}}"#),
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("tokenizer_config.json"), "{}").unwrap();
+    let path = dir.path().to_str().unwrap();
+    load(&mut c.admin, path, None).await.unwrap();
+    let (tokens, completion) =
+        generate(&mut c.inference, generate_request(path, "abc", params(24)))
+            .await
+            .unwrap();
+    assert_eq!(completion.finish_reason(), pb::FinishReason::EosToken);
+    assert_eq!(tokens.len(), first + 1);
+    assert_eq!(tokens.last().unwrap().id, eos);
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
 async fn cancelling_a_stream_stops_generation_and_a_full_queue_refuses_at_once() {
     let server = TestServer::start_with(|c| c.engine.load.max_queue = 1).await;
     put_endless(&server, "tiny/endless");

@@ -73,6 +73,29 @@ fn unpermute(t: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
         .reshape((out, inp))
 }
 
+/// Converts `gguf` into `out` unless a previous conversion with the same inputs is there (a
+/// stamp file records them); writes into a temporary sibling and renames, so `out` is never
+/// half-written. Returns `out`.
+pub fn gguf_llama_to_hf_once(
+    gguf: &Path,
+    out: &Path,
+    shards: usize,
+) -> anyhow::Result<std::path::PathBuf> {
+    let stamp = out.join(".lmx-converted");
+    let meta = std::fs::metadata(gguf)?;
+    let expected = format!("gguf_llama_to_hf v1; {shards} shards; {} bytes", meta.len());
+    if std::fs::read_to_string(&stamp).is_ok_and(|s| s == expected) {
+        return Ok(out.to_owned());
+    }
+    let tmp = out.with_extension(format!("tmp{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    gguf_llama_to_hf(gguf, &tmp, shards)?;
+    std::fs::write(tmp.join(".lmx-converted"), expected)?;
+    let _ = std::fs::remove_dir_all(out);
+    std::fs::rename(&tmp, out)?;
+    Ok(out.to_owned())
+}
+
 /// See the module docs.
 pub fn gguf_llama_to_hf(gguf: &Path, out: &Path, shards: usize) -> anyhow::Result<()> {
     let mut file =

@@ -43,25 +43,16 @@ pub fn minilm() -> Option<PathBuf> {
 }
 
 /// SmolLM2 as an HF snapshot: f32 safetensors in 3 shards with an index, converted from the
-/// GGUF once and kept (the stamp names the converter's inputs).
+/// GGUF once and kept.
 pub fn smollm2_hf_sharded() -> Option<PathBuf> {
     static LOCK: OnceLock<Mutex<()>> = OnceLock::new();
     let gguf = smollm2_gguf()?;
     let _guard = LOCK.get_or_init(|| Mutex::new(())).lock().unwrap();
     let out = models_dir().join("smollm2-hf-f32-3shards");
-    let stamp = out.join(".lmx-converted");
-    let expected = "gguf_llama_to_hf v1, 3 shards";
-    if std::fs::read_to_string(&stamp).is_ok_and(|s| s == expected) {
-        return Some(out);
-    }
-    let tmp = models_dir().join(format!("smollm2-hf-f32-3shards.tmp{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
-    lmx::testing::convert::gguf_llama_to_hf(&gguf, &tmp, 3)
-        .expect("convert the GGUF to HF safetensors");
-    std::fs::write(tmp.join(".lmx-converted"), expected).unwrap();
-    let _ = std::fs::remove_dir_all(&out);
-    std::fs::rename(&tmp, &out).unwrap();
-    Some(out)
+    Some(
+        lmx::testing::convert::gguf_llama_to_hf_once(&gguf, &out, 3)
+            .expect("convert the GGUF to HF safetensors"),
+    )
 }
 
 /// A folder holding only a link to the GGUF file, as a repository with just the GGUF would.
