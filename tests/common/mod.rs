@@ -4,6 +4,7 @@
 
 #![allow(dead_code)]
 
+pub mod hub;
 pub mod models;
 pub mod tools;
 
