@@ -16,7 +16,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::{
     engine::{Limits, LoadOptions},
-    manager::EngineSettings,
+    manager::{download::DownloadSettings, EngineSettings},
 };
 
 /// The public hub used when neither `--hub-endpoint` nor HF_ENDPOINT is set.
@@ -73,6 +73,64 @@ pub struct ServeArgs {
 
     #[command(flatten)]
     pub engine: EngineArgs,
+
+    #[command(flatten)]
+    pub downloads: DownloadArgs,
+}
+
+/// Download flags of `lmx serve`.
+#[derive(Debug, Clone, Args)]
+pub struct DownloadArgs {
+    /// Files of one download transferred at once.
+    #[arg(long, env = "LMX_DOWNLOAD_FILES", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub download_files: u32,
+
+    /// Ranged parts of one large file transferred at once (files of at least twice
+    /// --download-part-size are split).
+    #[arg(long, env = "LMX_DOWNLOAD_PARTS", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub download_parts: u32,
+
+    /// Size of the ranged parts of large files.
+    #[arg(long, env = "LMX_DOWNLOAD_PART_SIZE", default_value = "64MiB", value_parser = parse_size)]
+    pub download_part_size: u64,
+
+    /// A transfer with no bytes for this long is restarted from where it stopped.
+    #[arg(long, env = "LMX_DOWNLOAD_STALL_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub download_stall_timeout: Duration,
+
+    /// Retries of a failing hub request (429, 5xx, connection errors, stalls) before
+    /// HUB_UNAVAILABLE; the delays grow exponentially.
+    #[arg(long, env = "LMX_DOWNLOAD_RETRIES", default_value_t = 5)]
+    pub download_retries: u32,
+
+    /// First retry delay (doubling up to 10s).
+    #[arg(long, env = "LMX_DOWNLOAD_RETRY_DELAY", default_value = "500ms", value_parser = humantime::parse_duration)]
+    pub download_retry_delay: Duration,
+
+    /// Free disk space to keep beyond what a download needs; checked before the first byte.
+    #[arg(long, env = "LMX_DISK_MARGIN", default_value = "512MiB", value_parser = parse_size)]
+    pub disk_margin: u64,
+}
+
+impl DownloadArgs {
+    fn resolve(&self, hub_endpoint: &str, hf_token: Option<Secret>) -> DownloadSettings {
+        let mut settings = DownloadSettings::new(hub_endpoint);
+        settings.hf_token = hf_token;
+        settings.task.files_in_parallel = self.download_files as usize;
+        settings.task.transfer.parts_in_parallel = self.download_parts as usize;
+        settings.task.transfer.part_size = self.download_part_size.max(1 << 20);
+        settings.task.transfer.stall_timeout = self.download_stall_timeout;
+        settings.task.disk_margin = self.disk_margin;
+        settings.retry.attempts = self.download_retries as usize;
+        settings.retry.min_delay = self.download_retry_delay;
+        settings
+    }
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    s.parse::<bytesize::ByteSize>()
+        .map(|b| b.as_u64())
+        .map_err(|e| format!("{s:?} is not a size like 64MiB: {e}"))
 }
 
 /// Engine flags of `lmx serve`.
@@ -310,14 +368,12 @@ impl std::str::FromStr for Secret {
 pub struct Config {
     /// The Hugging Face cache folder models live in.
     pub cache_dir: PathBuf,
-    /// Base URL of the hub, without a trailing slash.
-    pub hub_endpoint: String,
-    /// Access token for the hub.
-    pub hf_token: Option<Secret>,
     /// How long in-flight calls may run after a shutdown signal.
     pub drain_timeout: Duration,
     /// Engine limits, memory budget, defaults.
     pub engine: EngineSettings,
+    /// Download manager settings (the hub endpoint and token included).
+    pub downloads: DownloadSettings,
 }
 
 impl Config {
@@ -325,10 +381,9 @@ impl Config {
     pub fn new(cache_dir: impl Into<PathBuf>) -> Self {
         Self {
             cache_dir: cache_dir.into(),
-            hub_endpoint: DEFAULT_HUB_ENDPOINT.to_owned(),
-            hf_token: None,
             drain_timeout: Duration::from_secs(30),
             engine: EngineSettings::default(),
+            downloads: DownloadSettings::new(DEFAULT_HUB_ENDPOINT),
         }
     }
 }
@@ -339,9 +394,8 @@ impl ServeArgs {
     pub fn resolve(&self) -> Result<Config, String> {
         let hub = self.hub.resolve(&process_env);
         Ok(Config {
+            downloads: self.downloads.resolve(&hub.hub_endpoint, hub.hf_token),
             cache_dir: hub.cache_dir,
-            hub_endpoint: hub.hub_endpoint,
-            hf_token: hub.hf_token,
             drain_timeout: self.drain_timeout,
             engine: self.engine.resolve(available_memory())?,
         })
@@ -499,10 +553,8 @@ mod tests {
 
     #[test]
     fn secrets_never_show_in_debug_output() {
-        let config = Config {
-            hf_token: Some(Secret::new("hf_supersecret")),
-            ..Config::new("/tmp")
-        };
+        let mut config = Config::new("/tmp");
+        config.downloads.hf_token = Some(Secret::new("hf_supersecret"));
         assert!(!format!("{config:?}").contains("hf_supersecret"));
     }
 

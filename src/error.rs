@@ -17,7 +17,10 @@ use tonic::{Code, Status};
 
 use crate::{
     engine::EngineError,
-    manager::{CacheError, ManagerError},
+    manager::{
+        download::{DownloadErrorCode, DownloadFailure},
+        CacheError, ManagerError,
+    },
     snapshot::{Report, SnapshotError},
 };
 use tonic_types::{ErrorDetails, StatusExt};
@@ -46,6 +49,7 @@ pub mod reason {
     pub const MEMORY_BUDGET_EXCEEDED: &str = "MEMORY_BUDGET_EXCEEDED";
     pub const MODEL_LOADING: &str = "MODEL_LOADING";
     pub const MODEL_NOT_LOADED: &str = "MODEL_NOT_LOADED";
+    pub const DOWNLOAD_NOT_FOUND: &str = "DOWNLOAD_NOT_FOUND";
 }
 
 /// One violated precondition: (type, subject, description) as in google.rpc.PreconditionFailure.
@@ -285,8 +289,40 @@ impl From<&ManagerError> for ApiError {
             ManagerError::UnknownModel(_) => {
                 Self::new(Code::NotFound, reason::MODEL_NOT_FOUND, message)
             }
+            ManagerError::InvalidArgument { field, .. } => Self::invalid_argument(field, message),
+            ManagerError::InUse { reason, .. } => {
+                Self::new(Code::FailedPrecondition, reason, message)
+            }
             ManagerError::Task(e) => Self::internal("a background task failed", e),
         }
+    }
+}
+
+impl From<&DownloadFailure> for ApiError {
+    fn from(f: &DownloadFailure) -> Self {
+        use DownloadErrorCode as C;
+        let code = match f.code {
+            C::RepoNotFound | C::RevisionNotFound | C::FileNotFound => Code::NotFound,
+            C::AccessDenied => Code::PermissionDenied,
+            C::HubUnavailable => Code::Unavailable,
+            C::ChecksumMismatch | C::IncompleteDownload => Code::DataLoss,
+            C::InsufficientDiskSpace => Code::ResourceExhausted,
+            C::DownloadCancelled => Code::Cancelled,
+            C::StorageError | C::Internal => Code::Internal,
+        };
+        let mut err = Self::new(code, f.code.name(), f.message.clone());
+        for p in f
+            .problems
+            .iter()
+            .filter(|p| p.severity == crate::snapshot::Severity::Error)
+        {
+            err = err.with_violation(Violation {
+                kind: p.kind.name().to_owned(),
+                subject: p.file.clone(),
+                description: p.detail.clone(),
+            });
+        }
+        err
     }
 }
 

@@ -7,7 +7,10 @@ use tonic::{Request, Response, Status};
 use super::{convert, ResponseStream};
 use crate::{
     error::ApiError,
-    manager::{LoadSpec, Manager},
+    manager::{
+        download::{DownloadRequest, ProgressRx},
+        LoadSpec, Manager,
+    },
     pb,
     snapshot::Mode,
 };
@@ -70,6 +73,70 @@ fn load_spec(options: Option<pb::LoadOptions>) -> Result<LoadSpec, ApiError> {
     })
 }
 
+fn unknown_download(id: &str) -> Status {
+    ApiError::new(
+        tonic::Code::NotFound,
+        crate::error::reason::DOWNLOAD_NOT_FOUND,
+        format!("no running or recent download has id {id:?}"),
+    )
+    .into()
+}
+
+/// Streams a download's progress until it is final: every publication while the client keeps
+/// up, the latest state when it falls behind. A failed or cancelled download ends the stream with
+/// its terminal message and then a status carrying the error code in ErrorInfo.
+fn progress_stream<T: Send + 'static>(
+    rx: ProgressRx,
+    wrap: fn(pb::DownloadProgress) -> T,
+) -> ResponseStream<T> {
+    use futures::StreamExt;
+    use tokio::sync::broadcast::error::RecvError;
+    let first = rx.latest.borrow().clone();
+    let state = (rx, Some(first), 0u64, false);
+    let stream = futures::stream::unfold(
+        state,
+        move |(mut rx, mut pending, mut last_seq, done)| async move {
+            if done {
+                return None;
+            }
+            let progress = loop {
+                if let Some(p) = pending.take() {
+                    break p;
+                }
+                match rx.events.recv().await {
+                    Ok(p) if p.seq <= last_seq => continue,
+                    Ok(p) => break p,
+                    Err(RecvError::Lagged(_)) => {
+                        pending = Some(rx.latest.borrow().clone()).filter(|p| p.seq > last_seq)
+                    }
+                    Err(RecvError::Closed) => {
+                        let latest = rx.latest.borrow().clone();
+                        if latest.seq <= last_seq {
+                            return None;
+                        }
+                        break latest;
+                    }
+                }
+            };
+            last_seq = progress.seq;
+            let last = progress.is_final();
+            let message = wrap(convert::progress(&progress));
+            let items: Vec<Result<T, Status>> = match (&progress.failure, last) {
+                (Some(failure), true) => vec![
+                    Ok(message),
+                    Err(ApiError::from(failure)
+                        .with_metadata("download_id", progress.download_id.clone())
+                        .into()),
+                ],
+                _ => vec![Ok(message)],
+            };
+            Some((futures::stream::iter(items), (rx, None, last_seq, last)))
+        },
+    )
+    .flatten();
+    Box::pin(stream)
+}
+
 fn verify_mode(mode: i32) -> Result<Mode, ApiError> {
     match pb::VerifyMode::try_from(mode) {
         Ok(pb::VerifyMode::Unspecified | pb::VerifyMode::Quick) => Ok(Mode::Quick),
@@ -81,9 +148,6 @@ fn verify_mode(mode: i32) -> Result<Mode, ApiError> {
     }
 }
 
-const DOWNLOADS: &str = "model downloads";
-const CATALOG: &str = "the model catalog";
-
 #[tonic::async_trait]
 impl pb::model_admin_server::ModelAdmin for AdminApi {
     type DownloadModelStream = ResponseStream<pb::DownloadModelResponse>;
@@ -91,50 +155,120 @@ impl pb::model_admin_server::ModelAdmin for AdminApi {
 
     async fn download_model(
         &self,
-        _request: Request<pb::DownloadModelRequest>,
+        request: Request<pb::DownloadModelRequest>,
     ) -> Result<Response<Self::DownloadModelStream>, Status> {
-        Err(ApiError::unimplemented(DOWNLOADS).into())
+        let r = request.into_inner();
+        let auto_load = if r.auto_load {
+            Some(load_spec(r.load_options)?)
+        } else {
+            None
+        };
+        let rx = self
+            .manager
+            .downloads()
+            .start(DownloadRequest {
+                repo_id: r.model_id,
+                revision: r.revision,
+                allow_patterns: r.allow_patterns,
+                ignore_patterns: r.ignore_patterns,
+                auto_load,
+            })
+            .map_err(ApiError::from)?;
+        Ok(Response::new(progress_stream(rx, |progress| {
+            pb::DownloadModelResponse {
+                progress: Some(progress),
+            }
+        })))
     }
 
     async fn watch_download(
         &self,
-        _request: Request<pb::WatchDownloadRequest>,
+        request: Request<pb::WatchDownloadRequest>,
     ) -> Result<Response<Self::WatchDownloadStream>, Status> {
-        Err(ApiError::unimplemented(DOWNLOADS).into())
+        let id = request.into_inner().download_id;
+        let rx = self
+            .manager
+            .downloads()
+            .watch(&id)
+            .ok_or_else(|| unknown_download(&id))?;
+        Ok(Response::new(progress_stream(rx, |progress| {
+            pb::WatchDownloadResponse {
+                progress: Some(progress),
+            }
+        })))
     }
 
     async fn get_download(
         &self,
-        _request: Request<pb::GetDownloadRequest>,
+        request: Request<pb::GetDownloadRequest>,
     ) -> Result<Response<pb::GetDownloadResponse>, Status> {
-        Err(ApiError::unimplemented(DOWNLOADS).into())
+        let id = request.into_inner().download_id;
+        let progress = self
+            .manager
+            .downloads()
+            .get(&id)
+            .ok_or_else(|| unknown_download(&id))?;
+        Ok(Response::new(pb::GetDownloadResponse {
+            progress: Some(convert::progress(&progress)),
+        }))
     }
 
     async fn list_downloads(
         &self,
         _request: Request<pb::ListDownloadsRequest>,
     ) -> Result<Response<pb::ListDownloadsResponse>, Status> {
-        Err(ApiError::unimplemented(DOWNLOADS).into())
+        let downloads = self
+            .manager
+            .downloads()
+            .list()
+            .iter()
+            .map(convert::progress)
+            .collect();
+        Ok(Response::new(pb::ListDownloadsResponse { downloads }))
     }
 
     async fn cancel_download(
         &self,
-        _request: Request<pb::CancelDownloadRequest>,
+        request: Request<pb::CancelDownloadRequest>,
     ) -> Result<Response<pb::CancelDownloadResponse>, Status> {
-        Err(ApiError::unimplemented(DOWNLOADS).into())
+        let id = request.into_inner().download_id;
+        let progress = self
+            .manager
+            .downloads()
+            .cancel(&id)
+            .await
+            .ok_or_else(|| unknown_download(&id))?;
+        Ok(Response::new(pb::CancelDownloadResponse {
+            progress: Some(convert::progress(&progress)),
+        }))
     }
 
     async fn list_models(
         &self,
-        _request: Request<pb::ListModelsRequest>,
+        request: Request<pb::ListModelsRequest>,
     ) -> Result<Response<pb::ListModelsResponse>, Status> {
-        let models = self
+        let mut models: Vec<pb::ModelInfo> = self
             .manager
             .models()
             .list()
             .iter()
             .map(convert::model_status)
             .collect();
+        if !request.into_inner().loaded_only {
+            let snapshots = self.manager.snapshots().await.map_err(ApiError::from)?;
+            for snapshot in &snapshots {
+                let path = snapshot.path.display().to_string();
+                if let Some(loaded) = models.iter_mut().find(|m| m.path == path) {
+                    loaded.size_on_disk_bytes = snapshot.size_on_disk;
+                    loaded.refs = snapshot.refs.clone();
+                    continue;
+                }
+                let downloading = self.manager.downloads().is_downloading(&snapshot.repo_id)
+                    && snapshot.report.as_ref().is_ok_and(|r| !r.complete);
+                models.push(convert::snapshot_model(snapshot, downloading));
+            }
+        }
+        models.sort_by(|a, b| (&a.model_id, &a.revision).cmp(&(&b.model_id, &b.revision)));
         Ok(Response::new(pb::ListModelsResponse { models }))
     }
 
@@ -214,8 +348,17 @@ impl pb::model_admin_server::ModelAdmin for AdminApi {
 
     async fn delete_model(
         &self,
-        _request: Request<pb::DeleteModelRequest>,
+        request: Request<pb::DeleteModelRequest>,
     ) -> Result<Response<pb::DeleteModelResponse>, Status> {
-        Err(ApiError::unimplemented(CATALOG).into())
+        let r = request.into_inner();
+        let deleted = self
+            .manager
+            .delete_model(&r.model_id, &r.revision)
+            .await
+            .map_err(ApiError::from)?;
+        Ok(Response::new(pb::DeleteModelResponse {
+            deleted_commits: deleted.commits,
+            freed_bytes: deleted.freed_bytes,
+        }))
     }
 }

@@ -113,3 +113,152 @@ pub fn model_status(status: &crate::manager::models::ModelStatus) -> pb::ModelIn
         }
     }
 }
+
+use crate::manager::{
+    catalog::SnapshotInfo,
+    download::{self as dl, Progress},
+};
+
+fn download_state(s: dl::DownloadState) -> pb::DownloadState {
+    match s {
+        dl::DownloadState::Queued => pb::DownloadState::Queued,
+        dl::DownloadState::Downloading => pb::DownloadState::Downloading,
+        dl::DownloadState::Verifying => pb::DownloadState::Verifying,
+        dl::DownloadState::Completed => pb::DownloadState::Completed,
+        dl::DownloadState::Failed => pb::DownloadState::Failed,
+        dl::DownloadState::Cancelled => pb::DownloadState::Cancelled,
+    }
+}
+
+pub fn download_error_code(c: dl::DownloadErrorCode) -> pb::DownloadErrorCode {
+    use dl::DownloadErrorCode as C;
+    match c {
+        C::IncompleteDownload => pb::DownloadErrorCode::IncompleteDownload,
+        C::DownloadCancelled => pb::DownloadErrorCode::DownloadCancelled,
+        C::RepoNotFound => pb::DownloadErrorCode::RepoNotFound,
+        C::RevisionNotFound => pb::DownloadErrorCode::RevisionNotFound,
+        C::FileNotFound => pb::DownloadErrorCode::FileNotFound,
+        C::AccessDenied => pb::DownloadErrorCode::AccessDenied,
+        C::HubUnavailable => pb::DownloadErrorCode::HubUnavailable,
+        C::ChecksumMismatch => pb::DownloadErrorCode::ChecksumMismatch,
+        C::InsufficientDiskSpace => pb::DownloadErrorCode::InsufficientDiskSpace,
+        C::StorageError => pb::DownloadErrorCode::StorageError,
+        C::Internal => pb::DownloadErrorCode::Internal,
+    }
+}
+
+fn auto_load_state(s: dl::AutoLoadState) -> pb::AutoLoadState {
+    match s {
+        dl::AutoLoadState::NotRequested => pb::AutoLoadState::NotRequested,
+        dl::AutoLoadState::Pending => pb::AutoLoadState::Pending,
+        dl::AutoLoadState::Loading => pb::AutoLoadState::Loading,
+        dl::AutoLoadState::Loaded => pb::AutoLoadState::Loaded,
+        dl::AutoLoadState::SkippedSnapshotIncomplete => {
+            pb::AutoLoadState::SkippedSnapshotIncomplete
+        }
+        dl::AutoLoadState::Failed => pb::AutoLoadState::Failed,
+    }
+}
+
+fn file_state(s: dl::FileState) -> pb::FileState {
+    match s {
+        dl::FileState::Pending => pb::FileState::Pending,
+        dl::FileState::Downloading => pb::FileState::Downloading,
+        dl::FileState::Verifying => pb::FileState::Verifying,
+        dl::FileState::Completed => pb::FileState::Completed,
+        dl::FileState::Cached => pb::FileState::Cached,
+        dl::FileState::Failed => pb::FileState::Failed,
+    }
+}
+
+pub fn progress(p: &Progress) -> pb::DownloadProgress {
+    pb::DownloadProgress {
+        download_id: p.download_id.clone(),
+        model_id: p.model_id.clone(),
+        revision: p.revision.clone(),
+        commit_sha: p.commit.clone(),
+        state: download_state(p.state) as i32,
+        error_code: p
+            .failure
+            .as_ref()
+            .map_or(pb::DownloadErrorCode::None, |f| download_error_code(f.code))
+            as i32,
+        error_message: p
+            .failure
+            .as_ref()
+            .map(|f| f.message.clone())
+            .unwrap_or_default(),
+        downloaded_bytes: p.downloaded_bytes,
+        total_bytes: p.total_bytes,
+        files_completed: p.files_completed,
+        files_total: p.files_total,
+        current_file: p.current_file.clone(),
+        bytes_per_second: p.bytes_per_second,
+        eta_seconds: p.eta_seconds,
+        auto_load_state: auto_load_state(p.auto_load) as i32,
+        auto_load_message: p.auto_load_message.clone(),
+        files: p
+            .files
+            .iter()
+            .map(|f| pb::FileProgress {
+                path: f.path.clone(),
+                downloaded_bytes: f.downloaded_bytes,
+                total_bytes: f.total_bytes,
+                state: file_state(f.state) as i32,
+                resumed_bytes: f.resumed_bytes,
+            })
+            .collect(),
+        problems: p.problems.iter().map(problem).collect(),
+        resumed_bytes: p.resumed_bytes,
+        started_at: Some(timestamp(p.started_at)),
+        updated_at: Some(timestamp(p.updated_at)),
+        finished_at: p.finished_at.map(timestamp),
+        allow_patterns: p.allow_patterns.clone(),
+        ignore_patterns: p.ignore_patterns.clone(),
+    }
+}
+
+/// A snapshot on disk that is not loaded.
+pub fn snapshot_model(s: &SnapshotInfo, downloading: bool) -> pb::ModelInfo {
+    let (state, format, architecture, message) = match (&s.report, downloading) {
+        (_, true) => (
+            pb::ModelState::Downloading,
+            pb::WeightFormat::Unspecified,
+            String::new(),
+            String::new(),
+        ),
+        (Ok(r), false) => (
+            if r.complete {
+                pb::ModelState::Available
+            } else {
+                pb::ModelState::Incomplete
+            },
+            weight_format(r.format),
+            r.architecture.clone().unwrap_or_default(),
+            if r.complete {
+                String::new()
+            } else {
+                r.summary.clone()
+            },
+        ),
+        (Err(e), false) => (
+            pb::ModelState::Incomplete,
+            pb::WeightFormat::Unspecified,
+            String::new(),
+            e.clone(),
+        ),
+    };
+    pb::ModelInfo {
+        model_id: s.repo_id.clone(),
+        revision: s.refs.first().cloned().unwrap_or_else(|| s.commit.clone()),
+        commit_sha: s.commit.clone(),
+        state: state as i32,
+        format: format as i32,
+        architecture,
+        size_on_disk_bytes: s.size_on_disk,
+        path: s.path.display().to_string(),
+        refs: s.refs.clone(),
+        state_message: message,
+        ..Default::default()
+    }
+}

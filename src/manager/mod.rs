@@ -2,6 +2,8 @@
 //! runs downloads and hands verified snapshots to the engine. Knows nothing of gRPC.
 
 pub mod cache;
+pub mod catalog;
+pub mod download;
 pub mod models;
 
 use std::path::PathBuf;
@@ -36,6 +38,16 @@ pub enum ManagerError {
     NotLoaded(String),
     #[error("model {0} is neither loaded nor in the cache")]
     UnknownModel(String),
+    #[error("{message}")]
+    InvalidArgument {
+        field: &'static str,
+        message: String,
+    },
+    #[error("{message}")]
+    InUse {
+        reason: &'static str,
+        message: String,
+    },
     #[error("a background task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
 }
@@ -60,11 +72,12 @@ pub fn verify_blocking(
     Ok(Verified { snapshot, report })
 }
 
-/// Owns the cache and the registry of loaded models.
+/// Owns the cache, the registry of loaded models and the downloads.
 #[derive(Clone)]
 pub struct Manager {
     cache: Cache,
     models: Registry,
+    downloads: download::Downloads,
 }
 
 impl Manager {
@@ -72,13 +85,18 @@ impl Manager {
     pub fn new(
         cache_dir: impl Into<PathBuf>,
         settings: EngineSettings,
+        downloads: download::DownloadSettings,
         ready: tokio::sync::watch::Sender<bool>,
-    ) -> Self {
-        let cache = Cache::new(cache_dir);
-        Self {
-            models: Registry::new(cache.clone(), settings, ready),
+    ) -> Result<Self, String> {
+        let cache_dir = cache_dir.into();
+        let cache = Cache::new(cache_dir.clone());
+        let models = Registry::new(cache.clone(), settings, ready);
+        let downloads = download::Downloads::new(cache_dir, downloads, models.clone())?;
+        Ok(Self {
             cache,
-        }
+            models,
+            downloads,
+        })
     }
 
     pub fn cache(&self) -> &Cache {
@@ -88,6 +106,51 @@ impl Manager {
     /// The loaded models.
     pub fn models(&self) -> &Registry {
         &self.models
+    }
+
+    /// The downloads.
+    pub fn downloads(&self) -> &download::Downloads {
+        &self.downloads
+    }
+
+    /// Every snapshot in the cache, checked (QUICK).
+    pub async fn snapshots(&self) -> Result<Vec<catalog::SnapshotInfo>, ManagerError> {
+        let cache = self.cache.clone();
+        Ok(tokio::task::spawn_blocking(move || catalog::scan(&cache)).await?)
+    }
+
+    /// Deletes a repository's snapshot at `revision` (every snapshot when empty) and the blobs
+    /// nothing else references. Refused while the model is loaded or downloading.
+    pub async fn delete_model(
+        &self,
+        repo_id: &str,
+        revision: &str,
+    ) -> Result<catalog::Deleted, ManagerError> {
+        cache::validate_repo_id(repo_id)?;
+        if !revision.is_empty() {
+            cache::validate_revision(revision)?;
+        }
+        if self.models.has_repo(repo_id) {
+            return Err(ManagerError::InUse {
+                reason: "MODEL_LOADED",
+                message: format!("{repo_id} is loaded; unload it before deleting it"),
+            });
+        }
+        if self.downloads.is_downloading(repo_id) {
+            return Err(ManagerError::InUse {
+                reason: "MODEL_DOWNLOADING",
+                message: format!(
+                    "{repo_id} is being downloaded; cancel the download before deleting it"
+                ),
+            });
+        }
+        let (cache, repo_id, revision) =
+            (self.cache.clone(), repo_id.to_owned(), revision.to_owned());
+        let deleted =
+            tokio::task::spawn_blocking(move || catalog::delete(&cache, &repo_id, &revision))
+                .await??;
+        tracing::info!(commits = ?deleted.commits, freed_bytes = deleted.freed_bytes, "snapshots deleted");
+        Ok(deleted)
     }
 
     /// Verifies a model's snapshot off the async runtime (the check does blocking file I/O).

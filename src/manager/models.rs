@@ -476,6 +476,11 @@ impl Registry {
         }
     }
 
+    /// Whether any revision of `repo_id` is loaded or loading.
+    pub fn has_repo(&self, repo_id: &str) -> bool {
+        self.slots().keys().any(|k| k.model_id == repo_id)
+    }
+
     /// Every model loading or loaded, ordered by key.
     pub fn list(&self) -> Vec<ModelStatus> {
         let slots = self.slots();

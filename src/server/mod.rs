@@ -44,11 +44,15 @@ pub async fn serve(
     // The model registry publishes "at least one model is loaded" here.
     let (ready_tx, ready_rx) = watch::channel(false);
     let health = health::Health::start(reporter, ready_rx).await;
-    let manager = Arc::new(Manager::new(
-        config.cache_dir.clone(),
-        config.engine.clone(),
-        ready_tx,
-    ));
+    let manager = Arc::new(
+        Manager::new(
+            config.cache_dir.clone(),
+            config.engine.clone(),
+            config.downloads.clone(),
+            ready_tx,
+        )
+        .map_err(|e| anyhow::anyhow!("starting the model manager: {e}"))?,
+    );
 
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)

@@ -301,6 +301,12 @@ fn check_tokenizer(tree: &Tree, gguf_tokenizer: bool, problems: &mut Vec<P>) {
     ));
 }
 
+/// Why a repository path is unsafe to create under a snapshot folder (absolute, `..`, ...), if
+/// it is.
+pub fn unsafe_path_reason(path: &str) -> Option<&'static str> {
+    index::unsafe_reason(path)
+}
+
 /// Checks one file's bytes in memory, by its name: `*.safetensors`, `*.gguf`, `*.bin` (zip),
 /// `*.index.json`, other `*.json`. The entry point for property tests and fuzzing: whatever the
 /// bytes, it returns, without panicking and without allocating more than the input justifies.
