@@ -31,7 +31,6 @@ pub const DOMAIN: &str = "lmx.v1";
 /// Stable `ErrorInfo.reason` values that are not download error codes.
 pub mod reason {
     pub const INVALID_ARGUMENT: &str = "INVALID_ARGUMENT";
-    pub const NOT_IMPLEMENTED: &str = "NOT_IMPLEMENTED";
     pub const DRAINING: &str = "DRAINING";
     pub const INTERNAL: &str = "INTERNAL";
     pub const MODEL_NOT_FOUND: &str = "MODEL_NOT_FOUND";
@@ -95,16 +94,6 @@ impl ApiError {
         err.0.field = Some(field.to_owned());
         err.0.metadata.insert("field".into(), field.to_owned());
         err
-    }
-
-    /// UNIMPLEMENTED for a capability this build does not have yet.
-    pub fn unimplemented(capability: &str) -> Self {
-        Self::new(
-            Code::Unimplemented,
-            reason::NOT_IMPLEMENTED,
-            format!("{capability} is not implemented by this lmx server yet"),
-        )
-        .with_metadata("capability", capability)
     }
 
     /// INTERNAL: logs the full cause chain and sends a sanitized message.
@@ -356,13 +345,16 @@ mod tests {
 
     #[test]
     fn status_carries_error_info_with_stable_reason_and_domain() {
-        let status: Status = ApiError::unimplemented("model downloads").into();
-        assert_eq!(status.code(), Code::Unimplemented);
-        assert!(status.message().contains("model downloads"));
+        let status: Status =
+            ApiError::new(Code::NotFound, reason::MODEL_NOT_FOUND, "no such model")
+                .with_metadata("model_id", "org/m")
+                .into();
+        assert_eq!(status.code(), Code::NotFound);
+        assert_eq!(status.message(), "no such model");
         let info = status.get_details_error_info().expect("ErrorInfo attached");
-        assert_eq!(info.reason, "NOT_IMPLEMENTED");
+        assert_eq!(info.reason, "MODEL_NOT_FOUND");
         assert_eq!(info.domain, DOMAIN);
-        assert_eq!(info.metadata["capability"], "model downloads");
+        assert_eq!(info.metadata["model_id"], "org/m");
     }
 
     #[test]

@@ -238,6 +238,20 @@ async fn hub_errors_become_stable_codes() {
         !repo_dir(&server, "tiny/llama").join("refs/main").exists(),
         "no ref for a failed download"
     );
+    // A hub that keeps failing: HUB_UNAVAILABLE after the retries.
+    hub.inject(Fault::Status {
+        path: None,
+        status: 503,
+        times: 100,
+    });
+    let (messages, status) = download(&mut admin, request("tiny/llama")).await;
+    assert_failed(
+        &messages,
+        status,
+        pb::DownloadErrorCode::HubUnavailable,
+        Code::Unavailable,
+    );
+    assert!(messages.last().unwrap().error_message.contains("503"));
     server.stop().await.unwrap();
 }
 
@@ -474,6 +488,27 @@ async fn cancel_mid_file_keeps_partial_data_and_the_next_pull_resumes() {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+
+    // While it runs: listed as DOWNLOADING, and not deletable.
+    let models = admin
+        .list_models(pb::ListModelsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .models;
+    assert_eq!(models[0].state(), pb::ModelState::Downloading, "{models:?}");
+    let err = admin
+        .delete_model(pb::DeleteModelRequest {
+            model_id: "tiny/llama".into(),
+            revision: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert_eq!(
+        err.get_details_error_info().unwrap().reason,
+        "MODEL_DOWNLOADING"
+    );
 
     let started = std::time::Instant::now();
     let cancelled = admin

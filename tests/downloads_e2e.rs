@@ -33,16 +33,30 @@ async fn pull(admin: &mut Admin, model_id: &str, auto_load: bool) -> pb::Downloa
         .into_inner();
     let mut last = None;
     while let Some(item) = stream.next().await {
-        last = Some(item.unwrap_or_else(|s| panic!("download failed: {s:?}")).progress.unwrap());
+        last = Some(
+            item.unwrap_or_else(|s| panic!("download failed: {s:?}"))
+                .progress
+                .unwrap(),
+        );
     }
     last.unwrap()
 }
 
 /// Starts the lmx binary against `hub` with `cache`; returns it and its address.
-async fn spawn_lmx(cache: &std::path::Path, hub: &str) -> (tokio::process::Child, std::net::SocketAddr) {
+async fn spawn_lmx(
+    cache: &std::path::Path,
+    hub: &str,
+) -> (tokio::process::Child, std::net::SocketAddr) {
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_lmx"))
         .args(["serve", "--listen", "127.0.0.1:0", "--log-format", "json"])
-        .args(["--hub-endpoint", hub, "--download-retry-delay", "10ms", "--disk-margin", "0"])
+        .args([
+            "--hub-endpoint",
+            hub,
+            "--download-retry-delay",
+            "10ms",
+            "--disk-margin",
+            "0",
+        ])
         .arg("--cache-dir")
         .arg(cache)
         .stderr(Stdio::piped())
@@ -51,10 +65,18 @@ async fn spawn_lmx(cache: &std::path::Path, hub: &str) -> (tokio::process::Child
         .unwrap();
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
     let addr = loop {
-        let line = lines.next_line().await.unwrap().expect("lmx exited before listening");
+        let line = lines
+            .next_line()
+            .await
+            .unwrap()
+            .expect("lmx exited before listening");
         if let Some(addr) = serde_json::from_str::<serde_json::Value>(&line)
             .ok()
-            .and_then(|v| v.get("local_addr").and_then(|a| a.as_str()).map(str::to_owned))
+            .and_then(|v| {
+                v.get("local_addr")
+                    .and_then(|a| a.as_str())
+                    .map(str::to_owned)
+            })
         {
             break addr.parse().unwrap();
         }
@@ -71,7 +93,11 @@ async fn a_kill_9_mid_transfer_resumes_after_restart() {
     let size = files.0[WEIGHTS].len() as u64;
     let sidecar = {
         let etag = testing::etag(WEIGHTS, &files.0[WEIGHTS]);
-        move |cache: &std::path::Path| cache.join("models--tiny--llama/blobs").join(format!("{etag}.lmxpart.json"))
+        move |cache: &std::path::Path| {
+            cache
+                .join("models--tiny--llama/blobs")
+                .join(format!("{etag}.lmxpart.json"))
+        }
     };
     hub.inject(Fault::Hold {
         path: WEIGHTS.into(),
@@ -113,9 +139,22 @@ async fn a_kill_9_mid_transfer_resumes_after_restart() {
     let (_second, addr) = spawn_lmx(&cache, &hub.url()).await;
     let mut admin = Admin::new(common::connect(addr).await);
     let last = pull(&mut admin, "tiny/llama", false).await;
-    assert_eq!(last.state(), pb::DownloadState::Completed, "{}", last.error_message);
-    assert!(last.resumed_bytes >= recorded, "resumed {} of {recorded}", last.resumed_bytes);
-    assert_eq!(hub.bytes_sent("tiny/llama", WEIGHTS) - before, size - last.resumed_bytes, "only the rest was fetched");
+    assert_eq!(
+        last.state(),
+        pb::DownloadState::Completed,
+        "{}",
+        last.error_message
+    );
+    assert!(
+        last.resumed_bytes >= recorded,
+        "resumed {} of {recorded}",
+        last.resumed_bytes
+    );
+    assert_eq!(
+        hub.bytes_sent("tiny/llama", WEIGHTS) - before,
+        size - last.resumed_bytes,
+        "only the rest was fetched"
+    );
     // Verified by hash after the resume: the snapshot is complete, FULL mode included.
     let report = admin
         .verify_model(pb::VerifyModelRequest {
@@ -131,7 +170,9 @@ async fn a_kill_9_mid_transfer_resumes_after_restart() {
 
 #[tokio::test]
 async fn the_real_sharded_smollm2_snapshot_pulls_auto_loads_and_generates() {
-    let Some(dir) = models::smollm2_hf_sharded() else { return };
+    let Some(dir) = models::smollm2_hf_sharded() else {
+        return;
+    };
     let files = testing::RepoFiles::from_dir(&dir);
     let hub = HubServer::start().await;
     hub.add_repo("HuggingFaceTB/SmolLM2-135M-Instruct", C1, &["main"], &files);
@@ -144,7 +185,12 @@ async fn the_real_sharded_smollm2_snapshot_pulls_auto_loads_and_generates() {
     let mut admin = Admin::new(server.channel().await);
     let last = pull(&mut admin, "HuggingFaceTB/SmolLM2-135M-Instruct", true).await;
     assert_eq!(last.state(), pb::DownloadState::Completed);
-    assert_eq!(last.auto_load_state(), pb::AutoLoadState::Loaded, "{}", last.auto_load_message);
+    assert_eq!(
+        last.auto_load_state(),
+        pb::AutoLoadState::Loaded,
+        "{}",
+        last.auto_load_message
+    );
     assert_eq!(last.files_total as usize, files.0.len());
     assert_eq!(last.downloaded_bytes, files.size());
     let mut inference = pb::inference_client::InferenceClient::new(server.channel().await);
@@ -207,7 +253,11 @@ async fn huggingface_hub_and_lmx_share_one_cache() {
     // What lmx pulled, huggingface_hub finds offline and scans.
     pull(&mut admin, "tiny/llama", false).await;
     let cache = server.cache_dir();
-    let found = python(&venv, &["find", cache.to_str().unwrap(), "tiny/llama", "main"]).await;
+    let found = python(
+        &venv,
+        &["find", cache.to_str().unwrap(), "tiny/llama", "main"],
+    )
+    .await;
     let snapshot = cache.join("models--tiny--llama/snapshots").join(C1);
     assert_eq!(found["path"], snapshot.to_str().unwrap());
     assert_eq!(found["repos"][0]["repo_id"], "tiny/llama");
@@ -220,8 +270,16 @@ async fn huggingface_hub_and_lmx_share_one_cache() {
     hub.add_repo("py/pulled", C1, &["main"], &testing::tiny_repo("llama", 7));
     let pulled = python(&venv, &["pull", cache.to_str().unwrap(), "py/pulled", &url]).await;
     assert!(pulled["path"].as_str().unwrap().ends_with(C1));
-    let models = admin.list_models(pb::ListModelsRequest::default()).await.unwrap().into_inner().models;
-    let listed = models.iter().find(|m| m.model_id == "py/pulled").expect("listed");
+    let models = admin
+        .list_models(pb::ListModelsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .models;
+    let listed = models
+        .iter()
+        .find(|m| m.model_id == "py/pulled")
+        .expect("listed");
     assert_eq!(listed.state(), pb::ModelState::Available);
     let report = admin
         .verify_model(pb::VerifyModelRequest {

@@ -103,9 +103,10 @@ async fn generate(
     panic!("the stream ended without a completion");
 }
 
+/// The loaded models (ListModels also lists the snapshots on disk; these tests look at loads).
 async fn list(admin: &mut Admin) -> Vec<pb::ModelInfo> {
     admin
-        .list_models(pb::ListModelsRequest::default())
+        .list_models(pb::ListModelsRequest { loaded_only: true })
         .await
         .unwrap()
         .into_inner()

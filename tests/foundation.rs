@@ -1,4 +1,4 @@
-//! The service foundation over real gRPC: reflection (v1 and v1alpha), health, UNIMPLEMENTED with
+//! The service foundation over real gRPC: reflection (v1 and v1alpha), health, errors with
 //! ErrorInfo, and the graceful shutdown of the real binary on SIGTERM.
 
 mod common;
@@ -164,21 +164,19 @@ async fn health_serves_server_and_admin_but_not_inference_without_a_model() {
 }
 
 #[tokio::test]
-async fn unimplemented_rpcs_answer_unimplemented_with_error_info() {
+async fn errors_carry_error_info_with_a_stable_reason() {
     let server = TestServer::start().await;
     let mut admin = pb::model_admin_client::ModelAdminClient::new(server.channel().await);
     let status = admin
-        .download_model(pb::DownloadModelRequest {
-            model_id: "org/m".into(),
-            ..Default::default()
+        .get_download(pb::GetDownloadRequest {
+            download_id: "dl-unknown".into(),
         })
         .await
         .unwrap_err();
-    assert_eq!(status.code(), Code::Unimplemented, "{status:?}");
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
     let info = status.get_details_error_info().expect("ErrorInfo");
-    assert_eq!(info.reason, "NOT_IMPLEMENTED");
+    assert_eq!(info.reason, "DOWNLOAD_NOT_FOUND");
     assert_eq!(info.domain, "lmx.v1");
-    assert!(!info.metadata["capability"].is_empty());
     server.stop().await.unwrap();
 }
 

@@ -95,10 +95,14 @@ async fn python_grpcio_client_generated_from_our_protos() {
     let call = |name: &str, field: &str| report["calls"][name][field].clone();
     assert_eq!(call("ListModels", "code"), "OK", "{report}");
     assert_eq!(call("ListModels", "models"), 0, "{report}");
-    assert_eq!(call("DownloadModel", "code"), "UNIMPLEMENTED", "{report}");
+    assert_eq!(
+        call("DownloadModel", "code"),
+        "INVALID_ARGUMENT",
+        "{report}"
+    );
     assert_eq!(
         call("DownloadModel", "reason"),
-        "NOT_IMPLEMENTED",
+        "INVALID_ARGUMENT",
         "{report}"
     );
     assert_eq!(call("Generate", "code"), "NOT_FOUND", "{report}");

@@ -70,7 +70,7 @@ def main() -> None:
             report["calls"]["ListModels"] = describe_error(err)
 
         try:
-            for _ in admin.DownloadModel(admin_pb2.DownloadModelRequest(model_id="org/m"), timeout=10):
+            for _ in admin.DownloadModel(admin_pb2.DownloadModelRequest(model_id="../not-a-repo"), timeout=10):
                 pass
             report["calls"]["DownloadModel"] = {"code": "OK"}
         except grpc.RpcError as err:
