@@ -72,10 +72,137 @@ pub struct ServeArgs {
     pub drain_timeout: Duration,
 
     #[command(flatten)]
+    pub security: SecurityArgs,
+
+    /// Address of the Prometheus metrics listener (`GET /metrics`); off when unset.
+    #[arg(long, env = "LMX_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+
+    #[command(flatten)]
     pub engine: EngineArgs,
 
     #[command(flatten)]
     pub downloads: DownloadArgs,
+}
+
+/// Authentication and TLS flags of `lmx serve`.
+#[derive(Debug, Clone, Args)]
+pub struct SecurityArgs {
+    /// Bearer token every lmx.v1.ModelAdmin call must present. Never logged.
+    #[arg(
+        long,
+        env = "LMX_ADMIN_TOKEN",
+        hide_env_values = true,
+        conflicts_with = "admin_token_file"
+    )]
+    pub admin_token: Option<Secret>,
+
+    /// File holding the admin token (e.g. a mounted Kubernetes secret).
+    #[arg(long, env = "LMX_ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<PathBuf>,
+
+    /// Bearer token every lmx.v1.Inference call must present (the admin token is accepted too).
+    #[arg(
+        long,
+        env = "LMX_INFERENCE_TOKEN",
+        hide_env_values = true,
+        conflicts_with = "inference_token_file"
+    )]
+    pub inference_token: Option<Secret>,
+
+    /// File holding the inference token.
+    #[arg(long, env = "LMX_INFERENCE_TOKEN_FILE")]
+    pub inference_token_file: Option<PathBuf>,
+
+    /// Allow listening on a non-loopback address without an admin token (the admin API can pull
+    /// and delete models).
+    #[arg(long, env = "LMX_INSECURE_ADMIN")]
+    pub insecure_admin: bool,
+
+    /// TLS certificate chain (PEM) to serve gRPC over TLS.
+    #[arg(long, env = "LMX_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// TLS private key (PEM).
+    #[arg(long, env = "LMX_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// CA (PEM) that client certificates must chain to: mutual TLS, every client needs a
+    /// certificate.
+    #[arg(long, env = "LMX_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+}
+
+/// TLS material, read at start.
+#[derive(Clone)]
+pub struct TlsFiles {
+    pub cert: Vec<u8>,
+    pub key: Secret,
+    pub client_ca: Option<Vec<u8>>,
+}
+
+impl fmt::Debug for TlsFiles {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TlsFiles")
+            .field("cert_bytes", &self.cert.len())
+            .field("mutual", &self.client_ca.is_some())
+            .finish()
+    }
+}
+
+fn read_secret(path: &Path, flag: &str) -> Result<Secret, String> {
+    let text =
+        std::fs::read_to_string(path).map_err(|e| format!("{flag} {}: {e}", path.display()))?;
+    let token = text.trim();
+    if token.is_empty() {
+        return Err(format!("{flag} {} is empty", path.display()));
+    }
+    Ok(Secret::new(token))
+}
+
+fn read_file(path: &Path, flag: &str) -> Result<Vec<u8>, String> {
+    std::fs::read(path).map_err(|e| format!("{flag} {}: {e}", path.display()))
+}
+
+impl SecurityArgs {
+    /// Tokens and TLS material; refuses an exposed admin API without a token.
+    pub fn resolve(
+        &self,
+        listen: SocketAddr,
+    ) -> Result<(crate::server::Tokens, Option<TlsFiles>), String> {
+        let admin = match (&self.admin_token, &self.admin_token_file) {
+            (Some(t), _) => Some(t.clone()),
+            (None, Some(path)) => Some(read_secret(path, "--admin-token-file")?),
+            (None, None) => None,
+        };
+        let inference = match (&self.inference_token, &self.inference_token_file) {
+            (Some(t), _) => Some(t.clone()),
+            (None, Some(path)) => Some(read_secret(path, "--inference-token-file")?),
+            (None, None) => None,
+        };
+        if !listen.ip().is_loopback() && admin.is_none() && !self.insecure_admin {
+            return Err(format!(
+                "refusing to listen on {listen} without an admin token: anyone reaching it could pull and \
+                 delete models. Set --admin-token / --admin-token-file, or --insecure-admin to accept that"
+            ));
+        }
+        let tls = match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => Some(TlsFiles {
+                cert: read_file(cert, "--tls-cert")?,
+                key: Secret::new(
+                    String::from_utf8(read_file(key, "--tls-key")?)
+                        .map_err(|_| "--tls-key is not PEM text".to_owned())?,
+                ),
+                client_ca: self
+                    .tls_client_ca
+                    .as_deref()
+                    .map(|p| read_file(p, "--tls-client-ca"))
+                    .transpose()?,
+            }),
+            _ => None,
+        };
+        Ok((crate::server::Tokens { admin, inference }, tls))
+    }
 }
 
 /// Download flags of `lmx serve`.
@@ -374,6 +501,12 @@ pub struct Config {
     pub engine: EngineSettings,
     /// Download manager settings (the hub endpoint and token included).
     pub downloads: DownloadSettings,
+    /// Bearer tokens of the admin and inference APIs.
+    pub tokens: crate::server::Tokens,
+    /// TLS material; plaintext when None.
+    pub tls: Option<TlsFiles>,
+    /// Where to serve Prometheus metrics.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl Config {
@@ -384,6 +517,9 @@ impl Config {
             drain_timeout: Duration::from_secs(30),
             engine: EngineSettings::default(),
             downloads: DownloadSettings::new(DEFAULT_HUB_ENDPOINT),
+            tokens: crate::server::Tokens::default(),
+            tls: None,
+            metrics_listen: None,
         }
     }
 }
@@ -393,7 +529,11 @@ impl ServeArgs {
     /// limits (at start, not at the first request).
     pub fn resolve(&self) -> Result<Config, String> {
         let hub = self.hub.resolve(&process_env);
+        let (tokens, tls) = self.security.resolve(self.listen)?;
         Ok(Config {
+            tokens,
+            tls,
+            metrics_listen: self.metrics_listen,
             downloads: self.downloads.resolve(&hub.hub_endpoint, hub.hf_token),
             cache_dir: hub.cache_dir,
             drain_timeout: self.drain_timeout,

@@ -23,11 +23,30 @@ use tokio::net::TcpListener;
 pub use config::Config;
 
 /// Serves the lmx gRPC API on `listener` until `shutdown` resolves, then drains in-flight calls
-/// (up to `config.drain_timeout`) and returns.
+/// (up to `config.drain_timeout`) and returns. Metrics are served on `config.metrics_listen` when
+/// set.
 pub async fn run(
     config: Config,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    server::serve(config, listener, shutdown).await
+    let metrics = match config.metrics_listen {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .map_err(|e| anyhow::anyhow!("binding --metrics-listen {addr}: {e}"))?,
+        ),
+        None => None,
+    };
+    server::serve(config, listener, metrics, shutdown).await
+}
+
+/// [`run`] with an already bound metrics listener (tests bind 127.0.0.1:0).
+pub async fn run_with_metrics(
+    config: Config,
+    listener: TcpListener,
+    metrics: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    server::serve(config, listener, Some(metrics), shutdown).await
 }

@@ -47,12 +47,33 @@ impl InferenceApi {
             .await
             .map_err(|e| ApiError::internal("queueing the generation failed", &e))?
             .map_err(ApiError::from)?;
+        let key = model.model().key.to_string();
+        let tokens = metrics::counter!("lmx_tokens_generated_total", "model" => key.clone());
+        let latency = metrics::histogram!("lmx_token_latency_seconds", "model" => key.clone());
+        let mut last_token: Option<std::time::Instant> = None;
         let stream = UnboundedReceiverStream::new(events).map(move |event| {
             // The stream keeps the model marked in use until the client has it all.
             let _in_use = &model;
             match event {
-                StreamEvent::Token(token) => Ok(item(Item::Token(token_message(token)))),
-                StreamEvent::Done(done) => Ok(item(Item::Completion(completion_message(done)))),
+                StreamEvent::Token(token) => {
+                    tokens.increment(1);
+                    let now = std::time::Instant::now();
+                    if let Some(previous) = last_token.replace(now) {
+                        latency.record(now.duration_since(previous).as_secs_f64());
+                    }
+                    Ok(item(Item::Token(token_message(token))))
+                }
+                StreamEvent::Done(done) => {
+                    metrics::histogram!("lmx_time_to_first_token_seconds", "model" => key.clone())
+                        .record(done.time_to_first_token_ms / 1e3);
+                    let reason = match done.finish_reason {
+                        FinishReason::Length => "length",
+                        FinishReason::EosToken => "eos_token",
+                        FinishReason::StopSequence => "stop_sequence",
+                    };
+                    metrics::counter!("lmx_generations_total", "model" => key.clone(), "finish_reason" => reason).increment(1);
+                    Ok(item(Item::Completion(completion_message(done))))
+                }
                 StreamEvent::Failed(message) => {
                     Err(Status::internal(format!("generation failed: {message}")))
                 }

@@ -7,9 +7,12 @@
 //! 4. once they finished, or the drain timeout passed, streams still open end with UNAVAILABLE
 //!    and the transport shuts down; `run` returns `Ok`.
 
+mod auth;
 mod drain;
 mod health;
+pub mod metrics;
 
+pub use auth::Tokens;
 pub use drain::Drain;
 pub use health::{ADMIN as ADMIN_SERVICE, INFERENCE as INFERENCE_SERVICE};
 
@@ -17,7 +20,7 @@ use std::{future::Future, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use tokio::{net::TcpListener, sync::watch};
-use tonic::transport::{server::TcpIncoming, Server};
+use tonic::transport::{server::TcpIncoming, Certificate, Identity, Server, ServerTlsConfig};
 
 use crate::{
     api::{admin::AdminApi, inference::InferenceApi},
@@ -29,15 +32,19 @@ use crate::{
 /// How long the transport may take to close connections once every stream has ended.
 const TRANSPORT_CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Serves the lmx gRPC API on `listener` until `shutdown` resolves, then drains and returns.
+/// Serves the lmx gRPC API on `listener` (and metrics on `metrics`, when given) until
+/// `shutdown` resolves, then drains and returns.
 pub async fn serve(
     config: Config,
     listener: TcpListener,
+    metrics: Option<TcpListener>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let local_addr = listener
         .local_addr()
         .context("reading the listener's address")?;
+    // The recorder exists before anything records.
+    metrics::handle();
     tracing::debug!(?config, "configuration");
 
     let (reporter, health_service) = tonic_health::server::health_reporter();
@@ -66,9 +73,20 @@ pub async fn serve(
         .context("building the reflection service (v1alpha)")?;
 
     let drain = Drain::new();
-    let router = Server::builder()
+    let mut builder = Server::builder();
+    if let Some(tls) = &config.tls {
+        let mut tls_config =
+            ServerTlsConfig::new().identity(Identity::from_pem(&tls.cert, tls.key.expose()));
+        if let Some(ca) = &tls.client_ca {
+            tls_config = tls_config.client_ca_root(Certificate::from_pem(ca));
+        }
+        builder = builder.tls_config(tls_config).context("configuring TLS")?;
+    }
+    let router = builder
         .trace_fn(|req| tracing::info_span!("rpc", method = %req.uri().path()))
+        .layer(metrics::MetricsLayer)
         .layer(drain.layer())
+        .layer(auth::AuthLayer::new(&config.tokens))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -80,7 +98,17 @@ pub async fn serve(
         ));
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let mut server = tokio::spawn(router.serve_with_incoming_shutdown(incoming, drain.stopped()));
-    tracing::info!(%local_addr, "lmx listening");
+    tracing::info!(%local_addr, tls = config.tls.is_some(), "lmx listening");
+    if let Some(metrics_listener) = metrics {
+        let metrics_addr = metrics_listener
+            .local_addr()
+            .context("reading the metrics listener's address")?;
+        let sampled = manager.clone();
+        let known = std::sync::Mutex::new(std::collections::HashSet::<String>::new());
+        let sample = Arc::new(move || sample_gauges(&sampled, &known));
+        tokio::spawn(metrics::serve(metrics_listener, sample, drain.stopped()));
+        tracing::info!(%metrics_addr, "metrics listening");
+    }
 
     tokio::select! {
         () = shutdown => {}
@@ -118,4 +146,40 @@ pub async fn serve(
     drop(manager);
     tracing::info!("lmx stopped");
     Ok(())
+}
+
+/// State gauges, refreshed at each scrape; models that went away drop to zero.
+fn sample_gauges(manager: &Manager, known: &std::sync::Mutex<std::collections::HashSet<String>>) {
+    use crate::manager::models::ModelStatus;
+    let mut seen = std::collections::HashSet::new();
+    let mut loaded = 0u64;
+    for status in manager.models().list() {
+        if let ModelStatus::Loaded(model) = status {
+            loaded += 1;
+            let key = model.key.to_string();
+            let stats = model.engine.stats();
+            ::metrics::gauge!("lmx_model_memory_bytes", "model" => key.clone())
+                .set(model.engine.description().memory_bytes as f64);
+            ::metrics::gauge!("lmx_queue_depth", "model" => key.clone())
+                .set(stats.in_flight as f64);
+            ::metrics::gauge!("lmx_active_sequences", "model" => key.clone())
+                .set(stats.active as f64);
+            seen.insert(key);
+        }
+    }
+    let mut known = known.lock().expect("gauge labels");
+    for gone in known.difference(&seen) {
+        ::metrics::gauge!("lmx_model_memory_bytes", "model" => gone.clone()).set(0.0);
+        ::metrics::gauge!("lmx_queue_depth", "model" => gone.clone()).set(0.0);
+        ::metrics::gauge!("lmx_active_sequences", "model" => gone.clone()).set(0.0);
+    }
+    *known = seen;
+    ::metrics::gauge!("lmx_models_loaded").set(loaded as f64);
+    let active = manager
+        .downloads()
+        .list()
+        .iter()
+        .filter(|p| !p.state.is_terminal())
+        .count();
+    ::metrics::gauge!("lmx_downloads_active").set(active as f64);
 }

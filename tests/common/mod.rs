@@ -16,6 +16,8 @@ use tonic::transport::{Channel, Endpoint};
 /// A running server and what it needs to stop.
 pub struct TestServer {
     pub addr: SocketAddr,
+    /// The metrics listener, when started with [`TestServer::start_with_metrics`].
+    pub metrics_addr: Option<SocketAddr>,
     pub cache: tempfile::TempDir,
     shutdown: Option<oneshot::Sender<()>>,
     task: JoinHandle<anyhow::Result<()>>,
@@ -29,6 +31,15 @@ impl TestServer {
 
     /// Starts a server after `configure` adjusted the default configuration.
     pub async fn start_with(configure: impl FnOnce(&mut lmx::Config)) -> Self {
+        Self::start_inner(configure, false).await
+    }
+
+    /// Like [`TestServer::start_with`], with a metrics listener on 127.0.0.1:0.
+    pub async fn start_with_metrics(configure: impl FnOnce(&mut lmx::Config)) -> Self {
+        Self::start_inner(configure, true).await
+    }
+
+    async fn start_inner(configure: impl FnOnce(&mut lmx::Config), metrics: bool) -> Self {
         let cache = tempfile::tempdir().expect("temp cache dir");
         let mut config = lmx::Config::new(cache.path().join("hub"));
         configure(&mut config);
@@ -37,11 +48,29 @@ impl TestServer {
             .expect("bind 127.0.0.1:0");
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(lmx::run(config, listener, async {
+        let shutdown = async {
             let _ = rx.await;
-        }));
+        };
+        let (task, metrics_addr) = if metrics {
+            let metrics_listener = TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind metrics");
+            let metrics_addr = metrics_listener.local_addr().unwrap();
+            (
+                tokio::spawn(lmx::run_with_metrics(
+                    config,
+                    listener,
+                    metrics_listener,
+                    shutdown,
+                )),
+                Some(metrics_addr),
+            )
+        } else {
+            (tokio::spawn(lmx::run(config, listener, shutdown)), None)
+        };
         Self {
             addr,
+            metrics_addr,
             cache,
             shutdown: Some(tx),
             task,

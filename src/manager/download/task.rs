@@ -77,6 +77,7 @@ pub async fn run(
     match result {
         Ok(snapshot) => {
             tracker.update(|p| p.state = DownloadState::Completed);
+            metrics::counter!("lmx_downloads_completed_total").increment(1);
             tracing::info!(model = %request.repo_id, revision = %request.revision, "download completed");
             if let Some(spec) = request.auto_load.clone() {
                 auto_load(&ctx, &request, spec, &snapshot, &tracker).await;
@@ -84,6 +85,8 @@ pub async fn run(
         }
         Err(failure) => {
             let cancelled = failure.code == Code::DownloadCancelled;
+            metrics::counter!("lmx_download_failures_total", "code" => failure.code.name())
+                .increment(1);
             tracing::warn!(model = %request.repo_id, code = failure.code.name(), error = %failure.message, "download ended");
             tracker.update(|p| {
                 p.state = if cancelled {

@@ -436,6 +436,7 @@ impl Transfer<'_> {
             let n = chunk.len() as u64;
             parts.lock().expect("parts lock")[index].done += n;
             self.counters.downloaded.fetch_add(n, Ordering::Relaxed);
+            metrics::counter!("lmx_download_bytes_total").increment(n);
             dirty = true;
             if room == n {
                 break;
