@@ -42,7 +42,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the gRPC server.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Check that a model snapshot is complete, offline (exit 0 complete, 1 incomplete, 2 error).
     Verify(crate::cli::verify::VerifyArgs),
 }
@@ -721,7 +721,7 @@ mod tests {
     fn serve(args: &[&str]) -> Result<ServeArgs, clap::Error> {
         let cli = Cli::try_parse_from(["lmx", "serve"].iter().chain(args))?;
         match cli.command {
-            Command::Serve(args) => Ok(args),
+            Command::Serve(args) => Ok(*args),
             _ => panic!("expected serve"),
         }
     }
