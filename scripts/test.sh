@@ -16,5 +16,7 @@ echo "== cargo clippy" >&2
 cargo clippy --locked --all-targets -- -D warnings
 echo "== buf lint" >&2
 .tools/node_modules/.bin/buf lint
+echo "== deploy/ (kustomize render, Kubernetes schemas, hadolint)" >&2
+scripts/validate-deploy.sh
 echo "== cargo test" >&2
 cargo test --locked "$@"

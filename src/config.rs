@@ -43,8 +43,25 @@ pub struct Cli {
 pub enum Command {
     /// Run the gRPC server.
     Serve(Box<ServeArgs>),
-    /// Check that a model snapshot is complete, offline (exit 0 complete, 1 incomplete, 2 error).
+    /// Check that a model snapshot is complete, offline or on a server with --server (exit 0
+    /// complete, 1 incomplete, 2 error).
     Verify(crate::cli::verify::VerifyArgs),
+    /// Download a model with a progress display (exit 0, or 10 + the DownloadErrorCode).
+    Pull(Box<crate::cli::pull::PullArgs>),
+    /// List the models on disk and loaded.
+    Ls(crate::cli::models::ListArgs),
+    /// List the loaded models.
+    Ps(crate::cli::models::ListArgs),
+    /// Delete a model's snapshots from the server's cache.
+    Rm(crate::cli::models::ModelArgs),
+    /// Load a model into the engine.
+    Load(crate::cli::models::LoadArgs),
+    /// Unload a model.
+    Unload(crate::cli::models::ModelArgs),
+    /// Complete a prompt, printing tokens as they stream.
+    Generate(crate::cli::generate::GenerateArgs),
+    /// Chat with a model interactively.
+    Chat(crate::cli::generate::ChatArgs),
 }
 
 /// How log lines are written (to stderr).
@@ -73,6 +90,12 @@ pub struct ServeArgs {
 
     #[command(flatten)]
     pub security: SecurityArgs,
+
+    /// Models to load at start (repeatable or comma-separated): a repository id in the cache,
+    /// optionally `@revision`, or an absolute folder path. The pod turns ready
+    /// (lmx.v1.Inference SERVING) once one is loaded; failures are logged, not fatal.
+    #[arg(long = "load", env = "LMX_LOAD", value_delimiter = ',')]
+    pub load: Vec<String>,
 
     /// Address of the Prometheus metrics listener (`GET /metrics`); off when unset.
     #[arg(long, env = "LMX_METRICS_LISTEN")]
@@ -507,6 +530,18 @@ pub struct Config {
     pub tls: Option<TlsFiles>,
     /// Where to serve Prometheus metrics.
     pub metrics_listen: Option<SocketAddr>,
+    /// (model_id, revision) pairs to load at start.
+    pub preload: Vec<(String, String)>,
+}
+
+/// "org/name@rev" → ("org/name", "rev"); paths and plain ids keep an empty revision.
+pub fn split_model_spec(spec: &str) -> (String, String) {
+    match spec.rsplit_once('@') {
+        Some((id, rev)) if !spec.starts_with('/') && !rev.is_empty() && !id.is_empty() => {
+            (id.to_owned(), rev.to_owned())
+        }
+        _ => (spec.to_owned(), String::new()),
+    }
 }
 
 impl Config {
@@ -520,6 +555,7 @@ impl Config {
             tokens: crate::server::Tokens::default(),
             tls: None,
             metrics_listen: None,
+            preload: Vec::new(),
         }
     }
 }
@@ -534,6 +570,7 @@ impl ServeArgs {
             tokens,
             tls,
             metrics_listen: self.metrics_listen,
+            preload: self.load.iter().map(|s| split_model_spec(s)).collect(),
             downloads: self.downloads.resolve(&hub.hub_endpoint, hub.hf_token),
             cache_dir: hub.cache_dir,
             drain_timeout: self.drain_timeout,
@@ -724,6 +761,45 @@ mod tests {
             Command::Serve(args) => Ok(*args),
             _ => panic!("expected serve"),
         }
+    }
+
+    #[test]
+    fn the_deploy_manifests_arguments_parse() {
+        // deploy/k8s/base/deployment.yaml and components/prepull/init-container.yaml.
+        let serve = [
+            "lmx",
+            "serve",
+            "--listen",
+            "0.0.0.0:50051",
+            "--metrics-listen",
+            "0.0.0.0:9090",
+            "--cache-dir",
+            "/models",
+            "--drain-timeout",
+            "30s",
+            "--log-format",
+            "json",
+            "--admin-token-file",
+            "/var/run/secrets/lmx/admin-token",
+            "--inference-token-file",
+            "/var/run/secrets/lmx/inference-token",
+        ];
+        Cli::try_parse_from(serve).unwrap();
+        let pull = [
+            "lmx",
+            "pull",
+            "--local",
+            "HuggingFaceTB/SmolLM2-135M-Instruct",
+            "--cache-dir",
+            "/models",
+            "--include",
+            "*.json",
+            "--include",
+            "*.safetensors",
+            "--log-format",
+            "json",
+        ];
+        Cli::try_parse_from(pull).unwrap();
     }
 
     #[test]

@@ -12,9 +12,37 @@ fn main() -> ExitCode {
         eprintln!("lmx: {err:#}");
         return ExitCode::from(2);
     }
+    use lmx::cli::{generate, models, pull, verify};
     match cli.command {
         Command::Serve(args) => run_async(serve(*args)),
-        Command::Verify(args) => lmx::cli::verify::run(&args),
+        Command::Verify(args) if args.client.server.is_none() => verify::run(&args),
+        Command::Verify(args) => client(async move { Ok(verify::run_any(&args).await) }),
+        Command::Pull(args) => client(async move { Ok(pull::run(*args).await) }),
+        Command::Ls(args) => client(models::list(args, false)),
+        Command::Ps(args) => client(models::list(args, true)),
+        Command::Rm(args) => client(models::remove(args)),
+        Command::Load(args) => client(models::load(args)),
+        Command::Unload(args) => client(models::unload(args)),
+        Command::Generate(args) => client(generate::generate(args)),
+        Command::Chat(args) => client(generate::chat(args)),
+    }
+}
+
+/// Runs a client command; its own errors (connection, bad flags) exit with code 2.
+fn client(command: impl std::future::Future<Output = anyhow::Result<ExitCode>>) -> ExitCode {
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(err) => {
+            eprintln!("lmx: starting the async runtime: {err}");
+            return ExitCode::from(2);
+        }
+    };
+    match runtime.block_on(command) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("lmx: {err:#}");
+            ExitCode::from(2)
+        }
     }
 }
 

@@ -674,7 +674,6 @@ async fn a_full_memory_budget_evicts_the_least_recently_used_idle_model() {
     for (repo, seed) in [("tiny/a", 1), ("tiny/b", 2), ("tiny/c", 3)] {
         put_tiny(&server, repo, "llama", seed);
     }
-    put_endless(&server, "tiny/busy");
     let mut c = clients(&server).await;
     load(&mut c.admin, "tiny/a", None).await.unwrap();
     load(&mut c.admin, "tiny/b", None).await.unwrap();
@@ -690,38 +689,40 @@ async fn a_full_memory_budget_evicts_the_least_recently_used_idle_model() {
         .collect();
     assert_eq!(names, ["tiny/a", "tiny/c"]);
 
+    server.stop().await.unwrap();
+
     // With every loaded model busy, nothing can be evicted: RESOURCE_EXHAUSTED.
-    c.admin
-        .unload_model(pb::UnloadModelRequest {
-            model_id: "tiny/c".into(),
-            revision: String::new(),
-        })
-        .await
-        .unwrap();
-    load(&mut c.admin, "tiny/busy", None).await.unwrap();
-    let mut s1 = c
-        .inference
-        .clone()
-        .generate(generate_request("tiny/a", "x", params(400)))
-        .await
-        .unwrap()
-        .into_inner();
-    let mut s2 = c
-        .inference
-        .clone()
-        .generate(generate_request("tiny/busy", "x", params(400)))
-        .await
-        .unwrap()
-        .into_inner();
-    s1.next().await.unwrap().unwrap();
-    s2.next().await.unwrap().unwrap();
+    let server = TestServer::start_with(|c| c.engine.memory_budget = bytes * 2 + bytes / 2).await;
+    put_endless(&server, "tiny/busy1");
+    put_endless(&server, "tiny/busy2");
+    put_tiny(&server, "tiny/b", "llama", 2);
+    let mut c = clients(&server).await;
+    load(&mut c.admin, "tiny/busy1", None).await.unwrap();
+    load(&mut c.admin, "tiny/busy2", None).await.unwrap();
+    let mut streams = Vec::new();
+    for model in ["tiny/busy1", "tiny/busy2"] {
+        let mut s = c
+            .inference
+            .clone()
+            .generate(generate_request(model, "x", params(450)))
+            .await
+            .unwrap()
+            .into_inner();
+        s.next().await.unwrap().unwrap();
+        streams.push(s);
+    }
     let err = load(&mut c.admin, "tiny/b", None).await.unwrap_err();
     assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
     assert_eq!(
         err.get_details_error_info().unwrap().reason,
         "MEMORY_BUDGET_EXCEEDED"
     );
-    drop((s1, s2));
+    assert!(
+        err.message().contains("no idle model can be evicted"),
+        "{}",
+        err.message()
+    );
+    drop(streams);
     server.stop().await.unwrap();
 }
 

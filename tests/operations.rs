@@ -571,3 +571,40 @@ async fn sigterm_during_a_generate_stream_drains_it() {
     assert!(status.success(), "{status:?}");
     assert!(started.elapsed() < Duration::from_secs(60));
 }
+
+#[tokio::test]
+async fn models_named_with_load_are_loaded_at_start_and_turn_the_pod_ready() {
+    let dir = tempfile::tempdir().unwrap();
+    testing::tiny::write_model(dir.path(), "llama", 1);
+    let path = dir.path().to_str().unwrap().to_owned();
+    let server = TestServer::start_with(|c| c.preload = vec![(path.clone(), String::new())]).await;
+    let mut ready = HealthClient::new(server.channel().await)
+        .watch(HealthCheckRequest {
+            service: "lmx.v1.Inference".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    loop {
+        let status = ready.next().await.unwrap().unwrap().status;
+        if status == ServingStatus::Serving as i32 {
+            break;
+        }
+    }
+    let models = pb::model_admin_client::ModelAdminClient::new(server.channel().await)
+        .list_models(pb::ListModelsRequest { loaded_only: true })
+        .await
+        .unwrap()
+        .into_inner()
+        .models;
+    assert_eq!(models[0].model_id, path);
+    assert_eq!(
+        lmx::config::split_model_spec("org/m@v1"),
+        ("org/m".to_owned(), "v1".to_owned())
+    );
+    assert_eq!(
+        lmx::config::split_model_spec("/data/m@x"),
+        ("/data/m@x".to_owned(), String::new())
+    );
+    server.stop().await.unwrap();
+}

@@ -3,7 +3,7 @@
 //! (through [`crate::error`]) back into messages.
 
 pub mod admin;
-mod convert;
+pub mod convert;
 pub mod inference;
 
 use std::pin::Pin;

@@ -7,6 +7,7 @@ use std::{path::Path, process::ExitCode};
 use clap::Args;
 use serde::Serialize;
 
+use super::client::ClientArgs;
 use crate::{
     config::CacheArgs,
     manager::{self, Cache, ModelRef, ResolvedSnapshot},
@@ -34,6 +35,10 @@ pub struct VerifyArgs {
 
     #[command(flatten)]
     pub cache: CacheArgs,
+
+    /// Verify on a server (--server / LMX_SERVER) instead of offline in the local cache.
+    #[command(flatten)]
+    pub client: ClientArgs,
 }
 
 /// The JSON document `--json` prints.
@@ -46,7 +51,89 @@ struct JsonReport<'a> {
     report: &'a Report,
 }
 
-/// Runs the command; returns the process exit code.
+/// Runs the command (against the server when --server is given); returns the exit code.
+pub async fn run_any(args: &VerifyArgs) -> ExitCode {
+    if args.client.server.is_none() {
+        return run(args);
+    }
+    match remote(args).await {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("lmx verify: {err:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn remote(args: &VerifyArgs) -> anyhow::Result<ExitCode> {
+    use crate::pb;
+    let client = args.client.connect().await?;
+    let mode = if args.full {
+        pb::VerifyMode::Full
+    } else {
+        pb::VerifyMode::Quick
+    };
+    let request = client.request(pb::VerifyModelRequest {
+        model_id: args.model.clone(),
+        revision: args.revision.clone(),
+        mode: mode as i32,
+    });
+    let r = match client.admin().verify_model(request).await {
+        Ok(r) => r.into_inner(),
+        Err(status) => {
+            eprintln!("lmx verify: {}", super::client::describe(&status));
+            return Ok(ExitCode::from(2));
+        }
+    };
+    let problems: Vec<serde_json::Value> = r
+        .problems
+        .iter()
+        .map(|p| {
+            serde_json::json!({
+                "kind": p.kind().as_str_name().trim_start_matches("SNAPSHOT_PROBLEM_KIND_"),
+                "file": p.file,
+                "detail": p.detail,
+                "severity": p.severity().as_str_name().trim_start_matches("PROBLEM_SEVERITY_").to_lowercase(),
+            })
+        })
+        .collect();
+    if args.json {
+        let doc = serde_json::json!({
+            "model_id": args.model,
+            "revision": args.revision,
+            "commit": r.commit_sha,
+            "path": r.path,
+            "mode": r.mode().as_str_name().trim_start_matches("VERIFY_MODE_"),
+            "complete": r.complete,
+            "format": r.format().as_str_name().trim_start_matches("WEIGHT_FORMAT_"),
+            "architecture": r.architecture,
+            "files_checked": r.files_checked,
+            "bytes_hashed": r.bytes_hashed,
+            "summary": r.summary,
+            "problems": problems,
+        });
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+    } else {
+        println!(
+            "snapshot  {} (on {})",
+            r.path,
+            args.client.server.as_deref().unwrap_or_default()
+        );
+        for p in &problems {
+            println!(
+                "{:<8} {:<24} {} {}",
+                p["severity"].as_str().unwrap_or(""),
+                p["kind"].as_str().unwrap_or(""),
+                p["file"].as_str().unwrap_or(""),
+                p["detail"].as_str().unwrap_or("")
+            );
+        }
+        println!("{}", r.summary);
+    }
+    Ok(ExitCode::from(if r.complete { 0 } else { 1 }))
+}
+
+/// Runs the command offline; returns the process exit code.
 pub fn run(args: &VerifyArgs) -> ExitCode {
     let mode = if args.full { Mode::Full } else { Mode::Quick };
     let cache = Cache::new(args.cache.resolve_from_env());

@@ -61,6 +61,16 @@ pub async fn serve(
         .map_err(|e| anyhow::anyhow!("starting the model manager: {e}"))?,
     );
 
+    for (model_id, revision) in config.preload.clone() {
+        let models = manager.models().clone();
+        tokio::spawn(async move {
+            match models.load(&model_id, &revision, Default::default()).await {
+                Ok(_) => tracing::info!(model = %model_id, "loaded at start (--load)"),
+                Err(e) => tracing::error!(model = %model_id, error = %e, "--load failed"),
+            }
+        });
+    }
+
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
