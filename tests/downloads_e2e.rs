@@ -5,14 +5,13 @@
 
 mod common;
 
-use std::{process::Stdio, time::Duration};
+use std::time::Duration;
 
 use common::{
     hub::{Fault, HubServer},
     models, repo_root, tools, TestServer,
 };
 use lmx::{pb, testing};
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio_stream::StreamExt;
 use tonic::transport::Channel;
 
@@ -47,42 +46,21 @@ async fn spawn_lmx(
     cache: &std::path::Path,
     hub: &str,
 ) -> (tokio::process::Child, std::net::SocketAddr) {
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_lmx"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--log-format", "json"])
-        .args([
-            "--hub-endpoint",
-            hub,
-            "--download-retry-delay",
-            "10ms",
-            "--disk-margin",
-            "0",
-        ])
-        .arg("--cache-dir")
-        .arg(cache)
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let addr = loop {
-        let line = lines
-            .next_line()
-            .await
-            .unwrap()
-            .expect("lmx exited before listening");
-        if let Some(addr) = serde_json::from_str::<serde_json::Value>(&line)
-            .ok()
-            .and_then(|v| {
-                v.get("local_addr")
-                    .and_then(|a| a.as_str())
-                    .map(str::to_owned)
-            })
-        {
-            break addr.parse().unwrap();
-        }
-    };
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    (child, addr)
+    let cache = cache.to_str().unwrap();
+    let args = [
+        "--listen",
+        "127.0.0.1:0",
+        "--hub-endpoint",
+        hub,
+        "--download-retry-delay",
+        "10ms",
+        "--disk-margin",
+        "0",
+        "--cache-dir",
+        cache,
+    ];
+    let spawned = common::spawn_serve(&args).await;
+    (spawned.child, spawned.addr)
 }
 
 #[tokio::test]

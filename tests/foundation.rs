@@ -3,11 +3,10 @@
 
 mod common;
 
-use std::{process::Stdio, time::Duration};
+use std::time::Duration;
 
 use common::TestServer;
 use lmx::pb;
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio_stream::StreamExt;
 use tonic::Code;
 use tonic_health::pb::{
@@ -203,33 +202,16 @@ async fn in_process_shutdown_turns_health_not_serving_and_returns() {
 /// Starts the real binary on 127.0.0.1:0 and returns it with the address it logged.
 async fn spawn_binary(drain_timeout: &str) -> (tokio::process::Child, std::net::SocketAddr) {
     let cache = tempfile::tempdir().unwrap();
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_lmx"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--log-format", "json"])
-        .args(["--drain-timeout", drain_timeout])
-        .arg("--cache-dir")
-        .arg(cache.path())
-        .env("LMX_LOG", "info")
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn lmx");
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let addr = loop {
-        let line = lines
-            .next_line()
-            .await
-            .unwrap()
-            .expect("lmx exited before listening");
-        let Ok(event) = serde_json::from_str::<serde_json::Value>(&line) else {
-            continue;
-        };
-        if let Some(addr) = event.get("local_addr").and_then(|a| a.as_str()) {
-            break addr.parse().unwrap();
-        }
-    };
-    // Keep reading the log so the child never blocks on a full pipe.
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    (child, addr)
+    let args = [
+        "--listen",
+        "127.0.0.1:0",
+        "--drain-timeout",
+        drain_timeout,
+        "--cache-dir",
+        cache.path().to_str().unwrap(),
+    ];
+    let spawned = common::spawn_serve(&args).await;
+    (spawned.child, spawned.addr)
 }
 
 #[tokio::test]

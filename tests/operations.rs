@@ -4,11 +4,10 @@
 
 mod common;
 
-use std::{process::Stdio, time::Duration};
+use std::time::Duration;
 
 use common::{hub::HubServer, TestServer};
 use lmx::{config::Secret, pb, testing};
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio_stream::StreamExt;
 use tonic::{
     metadata::MetadataValue,
@@ -124,59 +123,16 @@ async fn tokens_guard_each_api_family_and_leave_health_open() {
     server.stop().await.unwrap();
 }
 
-/// Starts the real binary with `args`; returns it, its address and its log lines so far
-/// collected in the background.
-async fn spawn(
-    args: &[&str],
-) -> (
-    tokio::process::Child,
-    std::net::SocketAddr,
-    std::sync::Arc<std::sync::Mutex<String>>,
-) {
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_lmx"))
-        .args(["serve", "--log-format", "json"])
-        .args(args)
-        .env("LMX_LOG", "debug")
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let addr = loop {
-        let line = lines
-            .next_line()
-            .await
-            .unwrap()
-            .expect("lmx exited before listening");
-        log.lock().unwrap().push_str(&line);
-        if let Some(addr) = serde_json::from_str::<serde_json::Value>(&line)
-            .ok()
-            .and_then(|v| {
-                v.get("local_addr")
-                    .and_then(|a| a.as_str())
-                    .map(str::to_owned)
-            })
-        {
-            break addr.parse().unwrap();
-        }
-    };
-    let collected = log.clone();
-    tokio::spawn(async move {
-        while let Ok(Some(line)) = lines.next_line().await {
-            collected.lock().unwrap().push_str(&line);
-            collected.lock().unwrap().push('\n');
-        }
-    });
-    (child, addr, log)
-}
-
 #[tokio::test]
 async fn tokens_never_reach_the_logs() {
     let dir = tempfile::tempdir().unwrap();
     let token_file = dir.path().join("admin-token");
     std::fs::write(&token_file, "file-admin-token-7\n").unwrap();
-    let (mut child, addr, log) = spawn(&[
+    let common::Spawned {
+        mut child,
+        addr,
+        log,
+    } = common::spawn_serve(&[
         "--listen",
         "127.0.0.1:0",
         "--cache-dir",
@@ -233,7 +189,7 @@ async fn an_exposed_admin_api_needs_a_token_or_an_explicit_opt_out() {
         "{stderr}"
     );
 
-    let (mut child, _, _) = spawn(&[
+    let common::Spawned { mut child, .. } = common::spawn_serve(&[
         "--listen",
         "0.0.0.0:0",
         "--insecure-admin",
@@ -493,7 +449,9 @@ async fn sigterm_during_a_generate_stream_drains_it() {
     std::fs::write(model.join("tokenizer_config.json"), "{}").unwrap();
     let model_id = model.to_str().unwrap().to_owned();
 
-    let (mut child, addr, _) = spawn(&[
+    let common::Spawned {
+        mut child, addr, ..
+    } = common::spawn_serve(&[
         "--listen",
         "127.0.0.1:0",
         "--drain-timeout",

@@ -114,3 +114,53 @@ pub async fn connect(addr: SocketAddr) -> Channel {
 pub fn repo_root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
+
+/// The real `lmx serve` binary, started by [`spawn_serve`].
+pub struct Spawned {
+    pub child: tokio::process::Child,
+    /// The address it logged it listens on.
+    pub addr: SocketAddr,
+    /// Its log (JSON lines), collected in the background.
+    pub log: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+/// Starts `lmx serve --log-format json <args>` (debug logging) and waits for the line that
+/// names its address; keeps reading its log so it never blocks on a full pipe.
+pub async fn spawn_serve(args: &[&str]) -> Spawned {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_lmx"))
+        .args(["serve", "--log-format", "json"])
+        .args(args)
+        .env("LMX_LOG", "debug")
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn lmx");
+    let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let addr = loop {
+        let line = lines
+            .next_line()
+            .await
+            .unwrap()
+            .expect("lmx exited before listening");
+        log.lock().unwrap().push_str(&line);
+        let event = serde_json::from_str::<serde_json::Value>(&line).ok();
+        if let Some(addr) = event
+            .as_ref()
+            .and_then(|v| v.get("local_addr"))
+            .and_then(|a| a.as_str())
+        {
+            break addr.parse().unwrap();
+        }
+    };
+    let collected = log.clone();
+    tokio::spawn(async move {
+        while let Ok(Some(line)) = lines.next_line().await {
+            let mut log = collected.lock().unwrap();
+            log.push_str(&line);
+            log.push('\n');
+        }
+    });
+    Spawned { child, addr, log }
+}
