@@ -866,3 +866,97 @@ async fn tokenize_chat_and_embed() {
     );
     server.stop().await.unwrap();
 }
+
+/// A SentencePiece GGUF with no tokenizer.json: the server builds the tokenizer from the GGUF
+/// metadata, tokenizes as transformers does (recorded in tests/data/spm_reference.json), keeps
+/// control tokens whole in a chat prompt, and generates.
+#[tokio::test]
+async fn a_sentencepiece_gguf_serves_with_its_own_tokenizer() {
+    let server = TestServer::start().await;
+    let mut files = testing::RepoFiles::default();
+    files.insert("model.Q8_0.gguf", testing::tiny::spm_llama_gguf(5));
+    testing::write_hf_cache(
+        &server.cache_dir(),
+        "tiny/spm-gguf",
+        COMMIT,
+        Some("main"),
+        &files,
+    );
+    let mut c = clients(&server).await;
+    load(&mut c.admin, "tiny/spm-gguf", None).await.unwrap();
+    let info = list(&mut c.admin).await;
+    assert_eq!(info[0].format(), pb::WeightFormat::Gguf);
+    assert_eq!(info[0].context_length, 512);
+
+    let reference = common::models::reference("spm_reference.json");
+    let ids = |v: &serde_json::Value| -> Vec<u32> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i.as_u64().unwrap() as u32)
+            .collect()
+    };
+    let mut inst_prompt = Vec::new();
+    for case in reference["layouts"]["llama"].as_array().unwrap() {
+        let text = case["text"].as_str().unwrap();
+        for (add_special_tokens, key) in [(false, "ids"), (true, "ids_with_special")] {
+            let tokens = c
+                .inference
+                .tokenize(pb::TokenizeRequest {
+                    model_id: "tiny/spm-gguf".into(),
+                    revision: String::new(),
+                    text: text.into(),
+                    add_special_tokens,
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .tokens;
+            let got: Vec<u32> = tokens.iter().map(|t| t.id).collect();
+            assert_eq!(got, ids(&case[key]), "{key} of {text:?}");
+            if text == "[INST] What is 2+2? [/INST]" && add_special_tokens {
+                assert!(tokens[0].special && tokens[1].special, "{tokens:?}");
+                inst_prompt = got;
+            }
+        }
+    }
+
+    // The chat template renders "<s>[INST] What is 2+2? [/INST]": BOS and the control tokens are
+    // one token each, so the prompt is exactly the reference's ids with BOS.
+    let mut stream = c
+        .inference
+        .chat(pb::ChatRequest {
+            model_id: "tiny/spm-gguf".into(),
+            revision: String::new(),
+            messages: vec![pb::ChatMessage {
+                role: "user".into(),
+                content: "What is 2+2?".into(),
+            }],
+            parameters: params(6),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut completion = None;
+    while let Some(item) = stream.next().await {
+        if let pb::chat_response::Item::Completion(c) = item.unwrap().item.unwrap() {
+            completion = Some(c);
+        }
+    }
+    let completion = completion.expect("a completion");
+    assert!(!inst_prompt.is_empty());
+    assert_eq!(completion.prompt_tokens as usize, inst_prompt.len());
+
+    // Greedy generation streams tokens whose texts add up to the completion's text.
+    let (tokens, done) = generate(
+        &mut c.inference,
+        generate_request("tiny/spm-gguf", "Hello world", params(8)),
+    )
+    .await
+    .unwrap();
+    assert_eq!(done.completion_tokens as usize, tokens.len());
+    assert!(!tokens.is_empty());
+    let streamed: String = tokens.iter().map(|t| t.text.as_str()).collect();
+    assert_eq!(streamed, done.text);
+    server.stop().await.unwrap();
+}

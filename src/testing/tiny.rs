@@ -5,7 +5,7 @@
 
 use std::{collections::BTreeMap, path::Path};
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{quantized::gguf_file, DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use candle_transformers::models::{bert, gemma2, gemma3, llama, mistral, phi3, qwen2, qwen3};
 use serde_json::{json, Value};
@@ -243,4 +243,148 @@ pub fn write_bert(dir: &Path, seed: u64) {
     )
     .unwrap();
     write_tokenizer_files(dir);
+}
+
+/// The tokenizer metadata of a SentencePiece GGUF as llama.cpp writes it (`tokenizer.ggml.model`
+/// = "llama", tokens, scores, token types, BOS/EOS/UNK ids, no merges), from the vocabulary in
+/// tests/data/spm_vocab.json that scripts/record_spm_reference.py trained. For `gemma3` pieces of
+/// two or more "▁" are stored as spaces and `add_bos_token` is set, as Gemma files have them.
+pub fn spm_tokenizer_metadata(arch: &str) -> Vec<(String, gguf_file::Value)> {
+    use gguf_file::Value as V;
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/spm_vocab.json");
+    let vocab: Value =
+        serde_json::from_slice(&std::fs::read(path).expect("read spm_vocab.json")).unwrap();
+    let list = |key: &str| vocab[key].as_array().expect("vocabulary array").clone();
+    let tokens = list("tokens").into_iter().map(|t| {
+        let t = t.as_str().unwrap().to_owned();
+        let n = t.chars().count();
+        if arch == "gemma3" && n >= 2 && t.chars().all(|c| c == '\u{2581}') {
+            V::String(" ".repeat(n))
+        } else {
+            V::String(t)
+        }
+    });
+    let id = |key: &str| V::U32(vocab[key].as_u64().unwrap() as u32);
+    let mut metadata = vec![
+        ("general.architecture".to_owned(), V::String(arch.into())),
+        ("tokenizer.ggml.model".to_owned(), V::String("llama".into())),
+        (
+            "tokenizer.ggml.tokens".to_owned(),
+            V::Array(tokens.collect()),
+        ),
+        (
+            "tokenizer.ggml.scores".to_owned(),
+            V::Array(
+                list("scores")
+                    .iter()
+                    .map(|s| V::F32(s.as_f64().unwrap() as f32))
+                    .collect(),
+            ),
+        ),
+        (
+            "tokenizer.ggml.token_type".to_owned(),
+            V::Array(
+                list("token_types")
+                    .iter()
+                    .map(|t| V::I32(t.as_i64().unwrap() as i32))
+                    .collect(),
+            ),
+        ),
+        ("tokenizer.ggml.bos_token_id".to_owned(), id("bos")),
+        ("tokenizer.ggml.eos_token_id".to_owned(), id("eos")),
+        ("tokenizer.ggml.unknown_token_id".to_owned(), id("unk")),
+    ];
+    if arch == "gemma3" {
+        metadata.push(("tokenizer.ggml.add_bos_token".to_owned(), V::Bool(true)));
+    }
+    metadata
+}
+
+/// A Llama 2 style chat template, for GGUF files.
+pub const INST_TEMPLATE: &str = "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}{% else %}{{ ' ' + message['content'] + eos_token }}{% endif %}{% endfor %}";
+
+/// A tiny random quantized (Q8_0) llama GGUF with the SentencePiece tokenizer of
+/// [`spm_tokenizer_metadata`] and [`INST_TEMPLATE`], and no tokenizer.json needed.
+pub fn spm_llama_gguf(seed: u64) -> Vec<u8> {
+    use candle_core::quantized::{GgmlDType, QTensor};
+    use gguf_file::Value as V;
+    let mut metadata = spm_tokenizer_metadata("llama");
+    let vocab = match metadata.iter().find(|(k, _)| k == "tokenizer.ggml.tokens") {
+        Some((_, V::Array(tokens))) => tokens.len(),
+        _ => unreachable!("the metadata lists the tokens"),
+    };
+    let (hidden, ffn, layers, heads) = (64usize, 128usize, 2u32, 4u32);
+    metadata.extend([
+        ("llama.context_length".to_owned(), V::U32(512)),
+        ("llama.embedding_length".to_owned(), V::U32(hidden as u32)),
+        ("llama.feed_forward_length".to_owned(), V::U32(ffn as u32)),
+        ("llama.block_count".to_owned(), V::U32(layers)),
+        ("llama.attention.head_count".to_owned(), V::U32(heads)),
+        (
+            "llama.attention.head_count_kv".to_owned(),
+            V::U32(heads / 2),
+        ),
+        (
+            "llama.rope.dimension_count".to_owned(),
+            V::U32(hidden as u32 / heads),
+        ),
+        (
+            "llama.attention.layer_norm_rms_epsilon".to_owned(),
+            V::F32(1e-5),
+        ),
+        (
+            "tokenizer.chat_template".to_owned(),
+            V::String(INST_TEMPLATE.into()),
+        ),
+    ]);
+    let kv = hidden / 2;
+    let mut shapes: Vec<(String, Vec<usize>)> = vec![
+        ("token_embd.weight".into(), vec![vocab, hidden]),
+        ("output_norm.weight".into(), vec![hidden]),
+        ("output.weight".into(), vec![vocab, hidden]),
+    ];
+    for l in 0..layers {
+        for (name, shape) in [
+            ("attn_q", vec![hidden, hidden]),
+            ("attn_k", vec![kv, hidden]),
+            ("attn_v", vec![kv, hidden]),
+            ("attn_output", vec![hidden, hidden]),
+            ("ffn_gate", vec![ffn, hidden]),
+            ("ffn_up", vec![ffn, hidden]),
+            ("ffn_down", vec![hidden, ffn]),
+            ("attn_norm", vec![hidden]),
+            ("ffn_norm", vec![hidden]),
+        ] {
+            shapes.push((format!("blk.{l}.{name}.weight"), shape));
+        }
+    }
+    let tensors: Vec<(String, QTensor)> = shapes
+        .into_iter()
+        .enumerate()
+        .map(|(i, (name, shape))| {
+            let n: usize = shape.iter().product();
+            let norm = name.contains("norm");
+            let values: Vec<f32> = pseudo_random_bytes(seed.wrapping_add(i as u64 * 7919), n)
+                .into_iter()
+                .map(|b| (b as f32 / 255.0 - 0.5) * 0.4)
+                .map(|x| if norm { 1.0 + x * 0.25 } else { x })
+                .collect();
+            let t = Tensor::from_vec(values, shape, &Device::Cpu).expect("tiny tensor");
+            // Norms stay f32, as llama.cpp keeps 1-D tensors.
+            let dtype = if norm {
+                GgmlDType::F32
+            } else {
+                GgmlDType::Q8_0
+            };
+            (
+                name,
+                QTensor::quantize(&t, dtype).expect("quantize tiny tensor"),
+            )
+        })
+        .collect();
+    let meta: Vec<(&str, &V)> = metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let qt: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, t)| (k.as_str(), t)).collect();
+    let mut out = std::io::Cursor::new(Vec::new());
+    gguf_file::write(&mut out, &meta, &qt).expect("write tiny GGUF");
+    out.into_inner()
 }
