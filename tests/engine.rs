@@ -103,6 +103,32 @@ async fn generate(
     panic!("the stream ended without a completion");
 }
 
+/// Chat with one user message, greedy, `max_tokens` at most; the final completion.
+async fn chat_one(
+    inference: &mut Inference,
+    model_id: &str,
+    content: &str,
+    max_tokens: i32,
+) -> pb::Completion {
+    let request = pb::ChatRequest {
+        model_id: model_id.into(),
+        revision: String::new(),
+        messages: vec![pb::ChatMessage {
+            role: "user".into(),
+            content: content.into(),
+        }],
+        parameters: params(max_tokens),
+    };
+    let mut stream = inference.chat(request).await.unwrap().into_inner();
+    let mut completion = None;
+    while let Some(item) = stream.next().await {
+        if let pb::chat_response::Item::Completion(c) = item.unwrap().item.unwrap() {
+            completion = Some(c);
+        }
+    }
+    completion.expect("the stream ends with a completion")
+}
+
 /// The loaded models (ListModels also lists the snapshots on disk; these tests look at loads).
 async fn list(admin: &mut Admin) -> Vec<pb::ModelInfo> {
     admin
@@ -798,31 +824,12 @@ async fn tokenize_chat_and_embed() {
     assert!(tokens[0].special);
     assert_eq!((tokens[1].start, tokens[2].end), (12, 14));
 
-    let mut stream = c
-        .inference
-        .chat(pb::ChatRequest {
-            model_id: "tiny/llama".into(),
-            revision: String::new(),
-            messages: vec![pb::ChatMessage {
-                role: "user".into(),
-                content: "Hi".into(),
-            }],
-            parameters: params(4),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let mut completion = None;
-    while let Some(item) = stream.next().await {
-        if let pb::chat_response::Item::Completion(c) = item.unwrap().item.unwrap() {
-            completion = Some(c);
-        }
-    }
+    let completion = chat_one(&mut c.inference, "tiny/llama", "Hi", 4).await;
     // The template renders "<|im_start|>system\nYou are a helpful AI assistant.<|im_end|>\n
     // <|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n": 5 special tokens, and one
     // token per byte of the rest.
     let text_bytes = "system\nYou are a helpful AI assistant.\nuser\nHi\nassistant\n".len() as u32;
-    assert_eq!(completion.unwrap().prompt_tokens, 5 + text_bytes);
+    assert_eq!(completion.prompt_tokens, 5 + text_bytes);
 
     let err = c
         .inference
@@ -923,27 +930,7 @@ async fn a_sentencepiece_gguf_serves_with_its_own_tokenizer() {
 
     // The chat template renders "<s>[INST] What is 2+2? [/INST]": BOS and the control tokens are
     // one token each, so the prompt is exactly the reference's ids with BOS.
-    let mut stream = c
-        .inference
-        .chat(pb::ChatRequest {
-            model_id: "tiny/spm-gguf".into(),
-            revision: String::new(),
-            messages: vec![pb::ChatMessage {
-                role: "user".into(),
-                content: "What is 2+2?".into(),
-            }],
-            parameters: params(6),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let mut completion = None;
-    while let Some(item) = stream.next().await {
-        if let pb::chat_response::Item::Completion(c) = item.unwrap().item.unwrap() {
-            completion = Some(c);
-        }
-    }
-    let completion = completion.expect("a completion");
+    let completion = chat_one(&mut c.inference, "tiny/spm-gguf", "What is 2+2?", 6).await;
     assert!(!inst_prompt.is_empty());
     assert_eq!(completion.prompt_tokens as usize, inst_prompt.len());
 
