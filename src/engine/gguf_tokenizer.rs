@@ -111,9 +111,10 @@ fn pre_tokenizer(pre: &str) -> Result<PreTokenizerWrapper, EngineError> {
 /// Builds the tokenizer described by a GGUF file's metadata.
 pub fn build(content: &Content) -> Result<Tokenizer, EngineError> {
     let model = meta_str(content, "tokenizer.ggml.model").unwrap_or("");
+    let tokens = strings(content, "tokenizer.ggml.tokens")?;
     let mut tokenizer = match model {
-        "gpt2" => byte_level(content)?,
-        "llama" => sentencepiece(content)?,
+        "gpt2" => byte_level(content, &tokens)?,
+        "llama" => sentencepiece(content, tokens.clone())?,
         other => {
             return Err(unsupported(format!(
                 "building a tokenizer from GGUF metadata supports \"gpt2\" (byte-level BPE) and \"llama\" \
@@ -121,7 +122,7 @@ pub fn build(content: &Content) -> Result<Tokenizer, EngineError> {
             )))
         }
     };
-    add_special_tokens(content, &mut tokenizer)?;
+    add_special_tokens(content, &tokens, &mut tokenizer)?;
     Ok(tokenizer)
 }
 
@@ -129,8 +130,7 @@ fn load_err(what: &str) -> impl Fn(tokenizers::Error) -> EngineError + '_ {
     move |e| EngineError::Load(format!("{what}: {e}"))
 }
 
-fn byte_level(content: &Content) -> Result<Tokenizer, EngineError> {
-    let tokens = strings(content, "tokenizer.ggml.tokens")?;
+fn byte_level(content: &Content, tokens: &[String]) -> Result<Tokenizer, EngineError> {
     let merges = strings(content, "tokenizer.ggml.merges")?;
     let vocab: Vocab = tokens
         .iter()
@@ -159,7 +159,7 @@ fn byte_level(content: &Content) -> Result<Tokenizer, EngineError> {
     }
     tokenizer.with_pre_tokenizer(Some(pre_tokenizer(pre)?));
     tokenizer.with_decoder(Some(ByteLevelDecoder::default()));
-    match bos_template(content, &tokens, false)? {
+    match bos_template(content, tokens, false)? {
         Some(template) => {
             tokenizer.with_post_processor(Some(template));
         }
@@ -179,8 +179,11 @@ fn token_types(content: &Content, count: usize) -> Vec<i32> {
 
 /// Control tokens (type 3) become special added tokens, user-defined ones (type 4) plain added
 /// tokens, so a text like "<|im_start|>" is one token, not pieces.
-fn add_special_tokens(content: &Content, tokenizer: &mut Tokenizer) -> Result<(), EngineError> {
-    let tokens = strings(content, "tokenizer.ggml.tokens")?;
+fn add_special_tokens(
+    content: &Content,
+    tokens: &[String],
+    tokenizer: &mut Tokenizer,
+) -> Result<(), EngineError> {
     let types = token_types(content, tokens.len());
     let of_type = |wanted: i32, special: bool| -> Vec<AddedToken> {
         tokens
@@ -265,10 +268,9 @@ fn derive_merges(tokens: &[String], rank: &dyn Fn(usize) -> f64) -> Merges {
 
 const SPACE: char = '\u{2581}';
 
-fn sentencepiece(content: &Content) -> Result<Tokenizer, EngineError> {
+fn sentencepiece(content: &Content, mut tokens: Vec<String>) -> Result<Tokenizer, EngineError> {
     let arch = meta_str(content, "general.architecture").unwrap_or("");
     let gemma = matches!(arch, "gemma" | "gemma2" | "gemma3");
-    let mut tokens = strings(content, "tokenizer.ggml.tokens")?;
     if gemma {
         // Gemma stores runs of spaces as real spaces; its pieces spell them "▁" (a whitespace-only
         // token with a space in it is respelled whole, as transformers does).
