@@ -6,17 +6,12 @@
 //! answers UNAUTHENTICATED, a wrong one PERMISSION_DENIED. Tokens are compared in constant time
 //! (through their sha256, so not even their lengths leak) and never logged.
 
-use std::{
-    future::Future,
-    pin::Pin,
-    sync::Arc,
-    task::{Context, Poll},
-};
+use std::sync::Arc;
 
+use super::around::{Around, AroundLayer, Response};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
-use tonic::{body::Body as TonicBody, Code, Status};
-use tower::{Layer, Service};
+use tonic::{Code, Status};
 
 use crate::{config::Secret, error::ApiError};
 
@@ -108,56 +103,32 @@ impl Digests {
 
 /// See the module docs.
 #[derive(Clone)]
-pub struct AuthLayer(Arc<Digests>);
+pub struct Auth(Arc<Digests>);
 
-impl AuthLayer {
-    pub fn new(tokens: &Tokens) -> Self {
-        Self(Arc::new(Digests {
+impl Auth {
+    pub fn layer(tokens: &Tokens) -> AroundLayer<Self> {
+        AroundLayer(Self(Arc::new(Digests {
             admin: tokens.admin.as_ref().map(|t| digest(t.expose())),
             inference: tokens.inference.as_ref().map(|t| digest(t.expose())),
-        }))
+        })))
     }
 }
 
-impl<S> Layer<S> for AuthLayer {
-    type Service = AuthService<S>;
-    fn layer(&self, inner: S) -> Self::Service {
-        AuthService {
-            inner,
-            digests: self.0.clone(),
+impl Around for Auth {
+    type State = ();
+
+    fn before(&self, path: &str, headers: &http::HeaderMap) -> Result<(), Box<Status>> {
+        match self.0.check(path, headers) {
+            Some(refusal) => {
+                tracing::warn!(method = %path, code = ?refusal.code(), "call refused");
+                Err(Box::new(refusal))
+            }
+            None => Ok(()),
         }
     }
-}
 
-/// The service [`AuthLayer`] produces.
-#[derive(Clone)]
-pub struct AuthService<S> {
-    inner: S,
-    digests: Arc<Digests>,
-}
-
-type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
-
-impl<S, B> Service<http::Request<B>> for AuthService<S>
-where
-    S: Service<http::Request<B>, Response = http::Response<TonicBody>>,
-    S::Future: Send + 'static,
-    S::Error: Send + 'static,
-{
-    type Response = http::Response<TonicBody>;
-    type Error = S::Error;
-    type Future = BoxFuture<Result<Self::Response, S::Error>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        if let Some(refusal) = self.digests.check(req.uri().path(), req.headers()) {
-            tracing::warn!(method = %req.uri().path(), code = ?refusal.code(), "call refused");
-            return Box::pin(std::future::ready(Ok(refusal.into_http())));
-        }
-        Box::pin(self.inner.call(req))
+    fn after((): (), response: Response) -> Response {
+        response
     }
 }
 
@@ -177,8 +148,8 @@ mod tests {
     }
 
     fn check(tokens: &Tokens, path: &str, token: Option<&str>) -> Option<Code> {
-        let layer = AuthLayer::new(tokens);
-        layer.0.check(path, &headers(token)).map(|s| s.code())
+        let auth = Auth::layer(tokens).0;
+        auth.0.check(path, &headers(token)).map(|s| s.code())
     }
 
     #[test]

@@ -19,6 +19,7 @@ use std::{
     time::Duration,
 };
 
+use super::around::{Around, AroundLayer, Response};
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use tokio_util::{
@@ -26,7 +27,6 @@ use tokio_util::{
     task::{task_tracker::TaskTrackerToken, TaskTracker},
 };
 use tonic::{body::Body as TonicBody, Status};
-use tower::{Layer, Service};
 
 use crate::error::{reason, ApiError};
 
@@ -78,8 +78,8 @@ impl Drain {
     }
 
     /// The tower layer to put around the server's services.
-    pub fn layer(&self) -> DrainLayer {
-        DrainLayer(self.clone())
+    pub fn layer(&self) -> AroundLayer<Self> {
+        AroundLayer(self.clone())
     }
 }
 
@@ -88,67 +88,37 @@ fn is_exempt(path: &str) -> bool {
     path.starts_with("/grpc.health.v1.") || path.starts_with("/grpc.reflection.")
 }
 
-/// See the module docs.
-#[derive(Clone)]
-pub struct DrainLayer(Drain);
+impl Around for Drain {
+    /// The call's in-flight token (none for exempt calls) and the drain's end.
+    type State = (
+        Option<TaskTrackerToken>,
+        Pin<Box<WaitForCancellationFutureOwned>>,
+    );
 
-impl<S> Layer<S> for DrainLayer {
-    type Service = DrainService<S>;
-    fn layer(&self, inner: S) -> Self::Service {
-        DrainService {
-            inner,
-            drain: self.0.clone(),
+    fn before(&self, path: &str, _: &http::HeaderMap) -> Result<Self::State, Box<Status>> {
+        let exempt = is_exempt(path);
+        if !exempt && self.is_draining() {
+            return Err(Box::new(
+                ApiError::new(
+                    tonic::Code::Unavailable,
+                    reason::DRAINING,
+                    "lmx is shutting down and takes no new calls; retry on another replica",
+                )
+                .into(),
+            ));
         }
-    }
-}
-
-/// The service [`DrainLayer`] produces.
-#[derive(Clone)]
-pub struct DrainService<S> {
-    inner: S,
-    drain: Drain,
-}
-
-type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
-
-impl<S, B> Service<http::Request<B>> for DrainService<S>
-where
-    S: Service<http::Request<B>, Response = http::Response<TonicBody>>,
-    S::Future: Send + 'static,
-    S::Error: Send + 'static,
-{
-    type Response = http::Response<TonicBody>;
-    type Error = S::Error;
-    type Future = BoxFuture<Result<Self::Response, S::Error>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
+        let token = (!exempt).then(|| self.in_flight.token());
+        Ok((token, Box::pin(self.stopped())))
     }
 
-    fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        let exempt = is_exempt(req.uri().path());
-        if !exempt && self.drain.is_draining() {
-            let status: Status = ApiError::new(
-                tonic::Code::Unavailable,
-                reason::DRAINING,
-                "lmx is shutting down and takes no new calls; retry on another replica",
-            )
-            .into();
-            return Box::pin(std::future::ready(Ok(status.into_http())));
-        }
-        let token = (!exempt).then(|| self.drain.in_flight.token());
-        let stop = Box::pin(self.drain.stop.clone().cancelled_owned());
-        let response = self.inner.call(req);
-        Box::pin(async move {
-            let response = response.await?;
-            Ok(response.map(|inner| {
-                TonicBody::new(DrainBody {
-                    inner,
-                    _token: token,
-                    stop,
-                    state: BodyState::Open,
-                })
-            }))
+    fn after((token, stop): Self::State, response: Response) -> Response {
+        response.map(|inner| {
+            TonicBody::new(DrainBody {
+                inner,
+                _token: token,
+                stop,
+                state: BodyState::Open,
+            })
         })
     }
 }
@@ -224,7 +194,7 @@ mod tests {
     use std::convert::Infallible;
     use tokio::sync::mpsc;
     use tokio_stream::wrappers::ReceiverStream;
-    use tower::ServiceExt;
+    use tower::{Layer, Service, ServiceExt};
 
     type Frames = mpsc::Sender<Result<Frame<Bytes>, Status>>;
 

@@ -15,11 +15,11 @@ use std::{
     time::Instant,
 };
 
+use super::around::{Around, AroundLayer, Response};
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tonic::{body::Body as TonicBody, Code, Status};
-use tower::{Layer, Service};
 
 /// The process-wide recorder (installed once; several servers in one process share it).
 pub fn handle() -> &'static PrometheusHandle {
@@ -80,55 +80,34 @@ fn status_code(headers: &http::HeaderMap) -> Option<Code> {
 
 /// Counts and times every RPC.
 #[derive(Clone, Default)]
-pub struct MetricsLayer;
+pub struct Metrics;
 
-impl<S> Layer<S> for MetricsLayer {
-    type Service = MetricsService<S>;
-    fn layer(&self, inner: S) -> Self::Service {
-        MetricsService { inner }
+impl Metrics {
+    pub fn layer() -> AroundLayer<Self> {
+        AroundLayer(Self)
     }
 }
 
-/// The service [`MetricsLayer`] produces.
-#[derive(Clone)]
-pub struct MetricsService<S> {
-    inner: S,
-}
+impl Around for Metrics {
+    /// The method and when the call started.
+    type State = (Arc<str>, Instant);
 
-type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
-
-impl<S, B> Service<http::Request<B>> for MetricsService<S>
-where
-    S: Service<http::Request<B>, Response = http::Response<TonicBody>>,
-    S::Future: Send + 'static,
-    S::Error: Send + 'static,
-{
-    type Response = http::Response<TonicBody>;
-    type Error = S::Error;
-    type Future = BoxFuture<Result<Self::Response, S::Error>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
+    fn before(&self, path: &str, _: &http::HeaderMap) -> Result<Self::State, Box<Status>> {
+        Ok((path.into(), Instant::now()))
     }
 
-    fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        let method: Arc<str> = req.uri().path().into();
-        let started = Instant::now();
-        let response = self.inner.call(req);
-        Box::pin(async move {
-            let response = response.await?;
-            // A trailers-only answer (most errors) carries the status in the headers.
-            let code = status_code(response.headers());
-            Ok(response.map(|inner| {
-                TonicBody::new(MetricsBody {
-                    inner,
-                    record: Some(Record {
-                        method,
-                        started,
-                        code,
-                    }),
-                })
-            }))
+    fn after((method, started): Self::State, response: Response) -> Response {
+        // A trailers-only answer (most errors) carries the status in the headers.
+        let code = status_code(response.headers());
+        response.map(|inner| {
+            TonicBody::new(MetricsBody {
+                inner,
+                record: Some(Record {
+                    method,
+                    started,
+                    code,
+                }),
+            })
         })
     }
 }

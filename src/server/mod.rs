@@ -7,6 +7,7 @@
 //! 4. once they finished, or the drain timeout passed, streams still open end with UNAVAILABLE
 //!    and the transport shuts down; `run` returns `Ok`.
 
+mod around;
 mod auth;
 mod drain;
 mod health;
@@ -94,9 +95,9 @@ pub async fn serve(
     }
     let router = builder
         .trace_fn(|req| tracing::info_span!("rpc", method = %req.uri().path()))
-        .layer(metrics::MetricsLayer)
+        .layer(metrics::Metrics::layer())
         .layer(drain.layer())
-        .layer(auth::AuthLayer::new(&config.tokens))
+        .layer(auth::Auth::layer(&config.tokens))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
