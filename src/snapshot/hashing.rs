@@ -52,26 +52,23 @@ impl ExpectedHash {
     }
 }
 
-/// Streaming sha256 of a reader, as lowercase hex.
-pub fn sha256_hex(mut reader: impl Read) -> io::Result<(String, u64)> {
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; CHUNK];
-    let mut total = 0u64;
-    loop {
-        let n = reader.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-        total += n as u64;
-    }
-    Ok((hex(&hasher.finalize()), total))
+/// Streaming sha256 of a reader, as lowercase hex, and the bytes read.
+pub fn sha256_hex(reader: impl Read) -> io::Result<(String, u64)> {
+    digest_hex(Sha256::new(), reader)
 }
 
-/// git's blob sha1 of a file of `len` bytes, as lowercase hex.
-pub fn git_sha1_hex(mut reader: impl Read, len: u64) -> io::Result<(String, u64)> {
+/// git's blob sha1 of a file of `len` bytes, as lowercase hex, and the bytes read.
+pub fn git_sha1_hex(reader: impl Read, len: u64) -> io::Result<(String, u64)> {
     let mut hasher = Sha1::new();
     hasher.update(format!("blob {len}\0").as_bytes());
+    digest_hex(hasher, reader)
+}
+
+/// Feeds `reader` to `hasher` in reads of `CHUNK` bytes; the digest as lowercase hex.
+fn digest_hex<D: Digest>(mut hasher: D, mut reader: impl Read) -> io::Result<(String, u64)>
+where
+    sha2::digest::Output<D>: std::fmt::LowerHex,
+{
     let mut buf = vec![0u8; CHUNK];
     let mut total = 0u64;
     loop {
@@ -82,11 +79,7 @@ pub fn git_sha1_hex(mut reader: impl Read, len: u64) -> io::Result<(String, u64)
         hasher.update(&buf[..n]);
         total += n as u64;
     }
-    Ok((hex(&hasher.finalize()), total))
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    Ok((format!("{:x}", hasher.finalize()), total))
 }
 
 struct Job {
