@@ -52,34 +52,68 @@ impl ExpectedHash {
     }
 }
 
+/// An incremental hub content hash: sha256 (LFS files) or git blob sha1 (small files, whose
+/// `blob <len>\0` header it feeds first).
+pub enum BlobHasher {
+    Sha256(Sha256),
+    GitSha1(Sha1),
+}
+
+impl BlobHasher {
+    /// The hasher for a file of `len` bytes, LFS or not.
+    pub fn new(lfs: bool, len: u64) -> Self {
+        if lfs {
+            Self::Sha256(Sha256::new())
+        } else {
+            let mut h = Sha1::new();
+            h.update(format!("blob {len}\0").as_bytes());
+            Self::GitSha1(h)
+        }
+    }
+
+    pub fn update(&mut self, bytes: &[u8]) {
+        match self {
+            Self::Sha256(h) => h.update(bytes),
+            Self::GitSha1(h) => h.update(bytes),
+        }
+    }
+
+    /// Feeds all of `reader` in reads of `CHUNK` bytes; the bytes read.
+    pub fn feed(&mut self, mut reader: impl Read) -> io::Result<u64> {
+        let mut buf = vec![0u8; CHUNK];
+        let mut total = 0u64;
+        loop {
+            let n = reader.read(&mut buf)?;
+            if n == 0 {
+                return Ok(total);
+            }
+            self.update(&buf[..n]);
+            total += n as u64;
+        }
+    }
+
+    /// The digest as lowercase hex.
+    pub fn finish(self) -> String {
+        match self {
+            Self::Sha256(h) => format!("{:x}", h.finalize()),
+            Self::GitSha1(h) => format!("{:x}", h.finalize()),
+        }
+    }
+}
+
 /// Streaming sha256 of a reader, as lowercase hex, and the bytes read.
 pub fn sha256_hex(reader: impl Read) -> io::Result<(String, u64)> {
-    digest_hex(Sha256::new(), reader)
+    hash_hex(BlobHasher::new(true, 0), reader)
 }
 
 /// git's blob sha1 of a file of `len` bytes, as lowercase hex, and the bytes read.
 pub fn git_sha1_hex(reader: impl Read, len: u64) -> io::Result<(String, u64)> {
-    let mut hasher = Sha1::new();
-    hasher.update(format!("blob {len}\0").as_bytes());
-    digest_hex(hasher, reader)
+    hash_hex(BlobHasher::new(false, len), reader)
 }
 
-/// Feeds `reader` to `hasher` in reads of `CHUNK` bytes; the digest as lowercase hex.
-fn digest_hex<D: Digest>(mut hasher: D, mut reader: impl Read) -> io::Result<(String, u64)>
-where
-    sha2::digest::Output<D>: std::fmt::LowerHex,
-{
-    let mut buf = vec![0u8; CHUNK];
-    let mut total = 0u64;
-    loop {
-        let n = reader.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-        total += n as u64;
-    }
-    Ok((format!("{:x}", hasher.finalize()), total))
+fn hash_hex(mut hasher: BlobHasher, reader: impl Read) -> io::Result<(String, u64)> {
+    let total = hasher.feed(reader)?;
+    Ok((hasher.finish(), total))
 }
 
 struct Job {

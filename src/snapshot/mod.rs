@@ -22,7 +22,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-pub use hashing::{git_sha1_hex, sha256_hex, ExpectedHash};
+pub use hashing::{git_sha1_hex, sha256_hex, BlobHasher, ExpectedHash};
 pub use report::{Mode, Problem, ProblemKind, Report, Severity, WeightFormat};
 
 use self::{

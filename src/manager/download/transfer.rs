@@ -19,8 +19,6 @@ use std::{
 
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
-use sha1::Sha1;
-use sha2::{Digest, Sha256};
 use tokio::io::{AsyncSeekExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
@@ -29,8 +27,8 @@ use super::{
     progress::{DownloadErrorCode as Code, DownloadFailure, FileCounters, FileState},
 };
 use crate::snapshot::{
-    self,
     partial::{PartialMeta, LMX_PARTIAL_META_SUFFIX, LMX_PARTIAL_SUFFIX},
+    BlobHasher,
 };
 
 /// Transfer settings.
@@ -256,13 +254,18 @@ impl Transfer<'_> {
 
     /// One stream from the first missing byte to the end, hashed as it arrives.
     async fn fetch_single(&self, part: Part) -> Result<String, DownloadFailure> {
-        let mut hasher = Hasher::new(self.file.lfs, self.file.size);
+        let mut hasher = BlobHasher::new(self.file.lfs, self.file.size);
         if part.done > 0 {
             let (path, done) = (self.partial(), part.done);
-            hasher = tokio::task::spawn_blocking(move || hasher.feed_file(&path, done))
-                .await
-                .map_err(|e| DownloadFailure::new(Code::Internal, e.to_string()))?
-                .map_err(|e| io_failure("re-hashing the resumed bytes", &e))?;
+            hasher = tokio::task::spawn_blocking(move || {
+                use std::io::Read;
+                hasher
+                    .feed(std::fs::File::open(path)?.take(done))
+                    .map(|_| hasher)
+            })
+            .await
+            .map_err(|e| DownloadFailure::new(Code::Internal, e.to_string()))?
+            .map_err(|e| io_failure("re-hashing the resumed bytes", &e))?;
         }
         let parts = Mutex::new(vec![part]);
         self.fetch_part(&parts, 0, Some(&mut hasher)).await?;
@@ -295,7 +298,7 @@ impl Transfer<'_> {
         &self,
         parts: &Mutex<Vec<Part>>,
         index: usize,
-        mut hasher: Option<&mut Hasher>,
+        mut hasher: Option<&mut BlobHasher>,
     ) -> Result<(), DownloadFailure> {
         let url = self
             .hub
@@ -357,7 +360,7 @@ impl Transfer<'_> {
         file: &mut tokio::fs::File,
         parts: &Mutex<Vec<Part>>,
         index: usize,
-        mut hasher: Option<&mut Hasher>,
+        mut hasher: Option<&mut BlobHasher>,
     ) -> Result<(), StreamError> {
         let part = parts.lock().expect("parts lock")[index];
         let offset = part.start + part.done;
@@ -501,60 +504,10 @@ impl StreamError {
     }
 }
 
-/// sha256 (LFS) or git blob sha1 (small files), fed in order.
-enum Hasher {
-    Sha256(Sha256),
-    GitSha1(Sha1),
-}
-
-impl Hasher {
-    fn new(lfs: bool, size: u64) -> Self {
-        if lfs {
-            Self::Sha256(Sha256::new())
-        } else {
-            let mut h = Sha1::new();
-            h.update(format!("blob {size}\0").as_bytes());
-            Self::GitSha1(h)
-        }
-    }
-
-    fn update(&mut self, bytes: &[u8]) {
-        match self {
-            Self::Sha256(h) => h.update(bytes),
-            Self::GitSha1(h) => h.update(bytes),
-        }
-    }
-
-    /// Feeds the first `len` bytes of a file.
-    fn feed_file(mut self, path: &Path, len: u64) -> std::io::Result<Self> {
-        use std::io::Read;
-        let mut file = std::fs::File::open(path)?.take(len);
-        let mut buf = vec![0u8; 1 << 20];
-        loop {
-            let n = file.read(&mut buf)?;
-            if n == 0 {
-                return Ok(self);
-            }
-            self.update(&buf[..n]);
-        }
-    }
-
-    fn finish(self) -> String {
-        let bytes = match self {
-            Self::Sha256(h) => h.finalize().to_vec(),
-            Self::GitSha1(h) => h.finalize().to_vec(),
-        };
-        bytes.iter().map(|b| format!("{b:02x}")).collect()
-    }
-}
-
 fn hash_file(path: &Path, lfs: bool, size: u64) -> std::io::Result<String> {
-    let file = std::fs::File::open(path)?;
-    Ok(if lfs {
-        snapshot::sha256_hex(file)?.0
-    } else {
-        snapshot::git_sha1_hex(file, size)?.0
-    })
+    let mut hasher = BlobHasher::new(lfs, size);
+    hasher.feed(std::fs::File::open(path)?)?;
+    Ok(hasher.finish())
 }
 
 #[cfg(test)]
@@ -582,13 +535,13 @@ mod tests {
     }
 
     #[test]
-    fn streaming_hashes_match_the_snapshot_hashes() {
+    fn incremental_hashes_are_the_hub_etags() {
         let data = b"hello\n";
-        let mut h = Hasher::new(false, data.len() as u64);
+        let mut h = BlobHasher::new(false, data.len() as u64);
         h.update(&data[..2]);
         h.update(&data[2..]);
         assert_eq!(h.finish(), "ce013625030ba8dba906f756967f9e9ca394464a");
-        let mut h = Hasher::new(true, 3);
+        let mut h = BlobHasher::new(true, 3);
         h.update(b"abc");
         assert_eq!(
             h.finish(),
