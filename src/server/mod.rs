@@ -131,8 +131,10 @@ pub async fn serve(
     }
 
     tracing::info!(drain_timeout = ?config.drain_timeout, "shutdown requested: draining");
-    health.shut_down().await;
+    // Refuse new work before telling anyone: a client that sees NOT_SERVING and calls again is
+    // refused, never served.
     drain.start();
+    health.shut_down().await;
     let in_flight = drain.in_flight();
     if drain.wait_idle(config.drain_timeout).await {
         tracing::info!(in_flight, "drained: every call finished");
