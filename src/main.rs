@@ -69,41 +69,46 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let config = args
         .resolve()
         .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
+    // Signal handlers go in before the port opens: a SIGTERM that follows the first call must
+    // drain, not kill the process with the default action.
+    let shutdown = shutdown_signal().context("installing the SIGTERM/SIGINT handlers")?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding --listen {}", args.listen))?;
-    lmx::run(config, listener, shutdown_signal()).await
+    lmx::run(config, listener, shutdown).await
 }
 
-/// Resolves on the first SIGTERM or SIGINT; a second one ends the process at once.
-async fn shutdown_signal() {
-    wait_for_signal().await;
-    tokio::spawn(async {
-        wait_for_signal().await;
-        tracing::warn!("second shutdown signal: exiting without draining");
-        std::process::exit(130);
-    });
-}
-
-async fn wait_for_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut term = match signal(SignalKind::terminate()) {
-            Ok(term) => term,
-            Err(err) => {
-                tracing::error!(%err, "cannot listen for SIGTERM; only Ctrl-C stops lmx");
-                let _ = tokio::signal::ctrl_c().await;
-                return;
-            }
-        };
+/// Resolves on the first SIGTERM or SIGINT; a second one ends the process at once. The handlers
+/// are installed when this is called, not when the future is first polled.
+#[cfg(unix)]
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(async move {
         tokio::select! {
             _ = term.recv() => tracing::info!("SIGTERM received"),
-            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+            _ = int.recv() => tracing::info!("SIGINT received"),
         }
-    }
-    #[cfg(not(unix))]
-    {
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            tracing::warn!("second shutdown signal: exiting without draining");
+            std::process::exit(130);
+        });
+    })
+}
+
+#[cfg(not(unix))]
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
+    Ok(async {
         let _ = tokio::signal::ctrl_c().await;
-    }
+        tokio::spawn(async {
+            let _ = tokio::signal::ctrl_c().await;
+            tracing::warn!("second shutdown signal: exiting without draining");
+            std::process::exit(130);
+        });
+    })
 }

@@ -157,8 +157,9 @@ async fn tokens_never_reach_the_logs() {
         .args(["-TERM", &pid])
         .status()
         .unwrap();
-    assert!(child.wait().await.unwrap().success());
+    let status = child.wait().await.unwrap();
     let log = log.lock().unwrap().clone();
+    assert!(status.success(), "{status:?}: {log}");
     assert!(
         log.contains("call refused"),
         "the refusals are logged: {log}"
