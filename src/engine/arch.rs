@@ -15,15 +15,19 @@ use candle_transformers::models::{
 };
 use serde_json::Value;
 
-use super::EngineError;
+use super::{
+    native::{self, NativeConfig},
+    EngineError,
+};
 
 /// A causal language model with its KV cache.
 pub trait CausalLm: Send {
-    /// Logits (1-D, f32) for the token after `input`, whose first token sits at position `pos`.
-    fn forward(&mut self, input: &[u32], pos: usize) -> candle_core::Result<Tensor>;
-    /// A new instance with an empty KV cache sharing this one's weights; None when the
-    /// architecture cannot share weights between sequences.
-    fn fork(&self) -> Option<Box<dyn CausalLm>>;
+    /// Logits (one per vocabulary entry) for the token after `input`, whose first token sits
+    /// at position `pos`.
+    fn forward(&mut self, input: &[u32], pos: usize) -> candle_core::Result<&[f32]>;
+    /// A new instance with an empty KV cache for a sequence of at most `max_len` tokens,
+    /// sharing this one's weights; None when the architecture cannot share weights.
+    fn fork(&self, max_len: usize) -> Option<Box<dyn CausalLm>>;
     /// Empties the KV cache (for architectures that cannot fork).
     fn reset(&mut self);
     /// Whether [`CausalLm::fork`] works.
@@ -44,7 +48,7 @@ pub const SAFETENSORS_ARCHITECTURES: &[&str] = &[
     "gemma3_text",
 ];
 /// Architectures the engine can build from GGUF.
-pub const GGUF_ARCHITECTURES: &[&str] = &["llama", "qwen2", "gemma3"];
+pub const GGUF_ARCHITECTURES: &[&str] = &["llama", "qwen2", "qwen3", "gemma3"];
 
 /// The logits of the last position as a 1-D f32 tensor, whatever shape the model returns.
 fn last_logits(logits: Tensor) -> candle_core::Result<Tensor> {
@@ -54,6 +58,12 @@ fn last_logits(logits: Tensor) -> candle_core::Result<Tensor> {
         logits = logits.get(rows - 1)?;
     }
     logits.to_dtype(DType::F32)
+}
+
+/// [`last_logits`] copied into `out` (the candle adapters' answer to [`CausalLm::forward`]).
+fn logits_into(logits: Tensor, out: &mut Vec<f32>) -> candle_core::Result<&[f32]> {
+    *out = last_logits(logits)?.to_vec1()?;
+    Ok(out)
 }
 
 fn input(tokens: &[u32], device: &Device) -> candle_core::Result<Tensor> {
@@ -66,16 +76,17 @@ struct Llama {
     cache: llama::Cache,
     dtype: DType,
     device: Device,
+    logits: Vec<f32>,
 }
 
 impl CausalLm for Llama {
-    fn forward(&mut self, tokens: &[u32], pos: usize) -> candle_core::Result<Tensor> {
-        last_logits(
-            self.model
-                .forward(&input(tokens, &self.device)?, pos, &mut self.cache)?,
-        )
+    fn forward(&mut self, tokens: &[u32], pos: usize) -> candle_core::Result<&[f32]> {
+        let logits = self
+            .model
+            .forward(&input(tokens, &self.device)?, pos, &mut self.cache)?;
+        logits_into(logits, &mut self.logits)
     }
-    fn fork(&self) -> Option<Box<dyn CausalLm>> {
+    fn fork(&self, _max_len: usize) -> Option<Box<dyn CausalLm>> {
         let cache = llama::Cache::new(true, self.dtype, &self.config, &self.device).ok()?;
         Some(Box::new(Self {
             model: self.model.clone(),
@@ -83,6 +94,7 @@ impl CausalLm for Llama {
             cache,
             dtype: self.dtype,
             device: self.device.clone(),
+            logits: Vec::new(),
         }))
     }
     fn reset(&mut self) {
@@ -101,10 +113,11 @@ struct Cloneable<M> {
     /// Feed the prompt one token at a time: candle 0.11.1's gemma3 appends non-contiguous value
     /// states to its KV cache and fails on a multi-token prefill.
     token_by_token: bool,
+    logits: Vec<f32>,
 }
 
 impl<M: Clone + Send + 'static> CausalLm for Cloneable<M> {
-    fn forward(&mut self, tokens: &[u32], pos: usize) -> candle_core::Result<Tensor> {
+    fn forward(&mut self, tokens: &[u32], pos: usize) -> candle_core::Result<&[f32]> {
         if self.token_by_token && tokens.len() > 1 {
             let mut logits = None;
             for (i, token) in tokens.iter().enumerate() {
@@ -114,20 +127,19 @@ impl<M: Clone + Send + 'static> CausalLm for Cloneable<M> {
                     pos + i,
                 )?);
             }
-            return last_logits(logits.expect("at least one token"));
+            let logits = logits.ok_or_else(|| candle_core::Error::Msg("no input tokens".into()))?;
+            return logits_into(logits, &mut self.logits);
         }
-        last_logits((self.forward)(
-            &mut self.model,
-            &input(tokens, &self.device)?,
-            pos,
-        )?)
+        let logits = (self.forward)(&mut self.model, &input(tokens, &self.device)?, pos)?;
+        logits_into(logits, &mut self.logits)
     }
-    fn fork(&self) -> Option<Box<dyn CausalLm>> {
+    fn fork(&self, _max_len: usize) -> Option<Box<dyn CausalLm>> {
         Some(Box::new(Self {
             model: self.model.clone(),
             device: self.device.clone(),
             forward: self.forward,
             token_by_token: self.token_by_token,
+            logits: Vec::new(),
         }))
     }
     fn reset(&mut self) {}
@@ -137,13 +149,15 @@ impl<M: Clone + Send + 'static> CausalLm for Cloneable<M> {
 struct QuantizedQwen2 {
     model: quantized_qwen2::ModelWeights,
     device: Device,
+    logits: Vec<f32>,
 }
 
 impl CausalLm for QuantizedQwen2 {
-    fn forward(&mut self, tokens: &[u32], pos: usize) -> candle_core::Result<Tensor> {
-        last_logits(self.model.forward(&input(tokens, &self.device)?, pos)?)
+    fn forward(&mut self, tokens: &[u32], pos: usize) -> candle_core::Result<&[f32]> {
+        let logits = self.model.forward(&input(tokens, &self.device)?, pos)?;
+        logits_into(logits, &mut self.logits)
     }
-    fn fork(&self) -> Option<Box<dyn CausalLm>> {
+    fn fork(&self, _max_len: usize) -> Option<Box<dyn CausalLm>> {
         None
     }
     fn reset(&mut self) {
@@ -164,6 +178,7 @@ fn cloneable<M: Clone + Send + 'static>(
         device: device.clone(),
         forward,
         token_by_token: false,
+        logits: Vec::new(),
     })
 }
 
@@ -203,6 +218,30 @@ pub fn load_safetensors(
         .and_then(Value::as_str)
         .unwrap_or("")
         .to_owned();
+    if device.is_cpu() && native::enabled() {
+        if let Some(model) = native::load_safetensors(config, weights, dtype)? {
+            return Ok(LoadedLm {
+                architecture: model_type,
+                context_length: model.config.context_length,
+                model: Box::new(native::NativeLm::base(model)),
+            });
+        }
+    }
+    load_candle_safetensors(config, weights, dtype, device)
+}
+
+/// [`load_safetensors`] on candle-transformers' model code only.
+pub(crate) fn load_candle_safetensors(
+    config: &Value,
+    weights: &[std::path::PathBuf],
+    dtype: DType,
+    device: &Device,
+) -> Result<LoadedLm, EngineError> {
+    let model_type = config
+        .get("model_type")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_owned();
     // SAFETY: the snapshot guard has verified these files; they are not modified while mapped
     // (the cache only ever adds new blobs and replaces links, never rewrites a blob in place).
     let vb = unsafe { VarBuilder::from_mmaped_safetensors(weights, dtype, device) }
@@ -222,6 +261,7 @@ pub fn load_safetensors(
                 cache,
                 dtype,
                 device: device.clone(),
+                logits: Vec::new(),
             })
         }
         "mistral" => {
@@ -269,6 +309,7 @@ pub fn load_safetensors(
                 device: device.clone(),
                 forward: gemma3::Model::forward,
                 token_by_token: true,
+                logits: Vec::new(),
             })
         }
         other => {
@@ -303,6 +344,37 @@ pub fn load_gguf(
         .and_then(|v| v.to_u64().ok())
         .map(|n| n as usize)
         .unwrap_or(2048);
+    if device.is_cpu() && native::enabled() && NativeConfig::from_gguf(&content).is_ok() {
+        if let Some(model) = native::load_gguf(path, content)? {
+            return Ok(LoadedLm {
+                model: Box::new(native::NativeLm::base(model)),
+                architecture,
+                context_length,
+            });
+        }
+        return Err(EngineError::Load("the GGUF model could not be read".into()));
+    }
+    load_candle_gguf(path, content, device)
+}
+
+/// [`load_gguf`] on candle-transformers' quantized model code only.
+pub(crate) fn load_candle_gguf(
+    path: &Path,
+    content: gguf_file::Content,
+    device: &Device,
+) -> Result<LoadedLm, EngineError> {
+    let architecture = content
+        .metadata
+        .get("general.architecture")
+        .and_then(|v| v.to_string().ok())
+        .cloned()
+        .unwrap_or_default();
+    let context_length = content
+        .metadata
+        .get(&format!("{architecture}.context_length"))
+        .and_then(|v| v.to_u64().ok())
+        .map(|n| n as usize)
+        .unwrap_or(2048);
     let mut file = std::fs::File::open(path)
         .map_err(|e| EngineError::Load(format!("opening {}: {e}", path.display())))?;
     let model: Box<dyn CausalLm> = match architecture.as_str() {
@@ -317,6 +389,7 @@ pub fn load_gguf(
             Box::new(QuantizedQwen2 {
                 model,
                 device: device.clone(),
+                logits: Vec::new(),
             })
         }
         "gemma3" => {

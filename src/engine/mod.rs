@@ -10,6 +10,8 @@ mod arch;
 mod chat;
 mod embed;
 mod gguf_tokenizer;
+pub mod kernels;
+mod native;
 mod sampling;
 mod text;
 mod tokenizer;

@@ -69,9 +69,31 @@ impl Sampler {
         }
     }
 
-    /// Picks the next token from 1-D `logits` given every token so far; returns the token and,
+    /// Picks the next token from `logits` given every token so far; returns the token and,
     /// when requested, its log-probability under the (penalised, temperature-scaled) distribution.
+    /// Greedy decoding without a penalty works on the slice and allocates nothing.
     pub fn sample(
+        &mut self,
+        logits: &[f32],
+        context: &[u32],
+    ) -> candle_core::Result<(u32, Option<f32>)> {
+        if logits.is_empty() {
+            candle_core::bail!("no logits to sample from");
+        }
+        if self.params.temperature <= 0.0 && self.params.repetition_penalty == 1.0 {
+            let mut best = 0;
+            for (i, &v) in logits.iter().enumerate() {
+                if v > logits[best] {
+                    best = i;
+                }
+            }
+            let logprob = self.params.logprobs.then(|| log_softmax_at(logits, best));
+            return Ok((best as u32, logprob));
+        }
+        self.sample_tensor(&Tensor::new(logits, &candle_core::Device::Cpu)?, context)
+    }
+
+    fn sample_tensor(
         &mut self,
         logits: &Tensor,
         context: &[u32],
@@ -101,13 +123,20 @@ impl Sampler {
     }
 }
 
+/// log(softmax(logits)[i]).
+fn log_softmax_at(logits: &[f32], i: usize) -> f32 {
+    let max = logits.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    let sum: f64 = logits.iter().map(|&v| f64::from(v - max).exp()).sum();
+    logits[i] - max - sum.ln() as f32
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use candle_core::Device;
 
-    fn logits(v: &[f32]) -> Tensor {
-        Tensor::new(v, &Device::Cpu).unwrap()
+    fn logits(v: &[f32]) -> Vec<f32> {
+        v.to_vec()
     }
 
     #[test]

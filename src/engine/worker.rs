@@ -164,8 +164,9 @@ impl Worker {
                     self.counters.cancelled.fetch_add(1, Ordering::Relaxed);
                     return;
                 }
+                let max_len = job.prompt.len() + job.params.max_tokens;
                 let forked = match base.as_ref() {
-                    Some(b) if b.forkable() => b.fork(),
+                    Some(b) if b.forkable() => b.fork(max_len),
                     // Cannot fork: lend the base model to this one sequence.
                     _ => base.take(),
                 };
@@ -271,7 +272,7 @@ impl Sequence {
             .map_err(|e| format!("forward pass: {e}"))?;
         let (token, logprob) = self
             .sampler
-            .sample(&logits, &self.tokens)
+            .sample(logits, &self.tokens)
             .map_err(|e| format!("sampling: {e}"))?;
         self.tokens.push(token);
         self.generated += 1;

@@ -1,0 +1,202 @@
+//! Compute kernels of the engine's own forward pass: matrix-vector and matrix-matrix products
+//! over weights in f32, f16, bf16 and GGUF block formats, and the small row-wise ops around them.
+//!
+//! Every kernel has one job and comes in up to three flavours chosen at run time
+//! ([`Isa::detect`], once per process): AVX-512, AVX2 + FMA, and a portable scalar one that also
+//! builds on aarch64. No `-C target-cpu` is needed: the SIMD flavours are `#[target_feature]`
+//! functions called only after the CPU was checked. Work is split across cores by
+//! [`par_rows`] on rayon's pool, whose threads sleep when there is nothing to do.
+//!
+//! This module knows nothing of models, tokenizers or candle tensors (candle appears only in
+//! tests, as the reference every kernel is checked against).
+
+pub mod dense;
+pub mod ops;
+pub mod quant;
+
+use std::{ops::Range, sync::OnceLock};
+
+/// The instruction-set flavour a kernel runs with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Isa {
+    /// Plain Rust; every CPU.
+    Scalar,
+    /// x86-64 with AVX2, FMA and F16C.
+    Avx2,
+    /// x86-64 with AVX-512 F/BW/VL/DQ (and AVX2, FMA, F16C).
+    Avx512,
+}
+
+/// Optional extensions some kernels use on top of their [`Isa`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Extensions {
+    /// AVX-512 VNNI (`vpdpbusd` on 512-bit registers).
+    pub avx512_vnni: bool,
+    /// AVX-VNNI (`vpdpbusd` on 256-bit registers, VEX encoded).
+    pub avx_vnni: bool,
+    /// AVX-512 BF16 (`vdpbf16ps`).
+    pub avx512_bf16: bool,
+}
+
+impl Isa {
+    /// The best flavour this CPU runs, detected once. `LMX_KERNELS=scalar|avx2|avx512` caps it
+    /// (for tests and for comparing flavours in benchmarks); a cap above the CPU is ignored.
+    pub fn detect() -> Isa {
+        static ISA: OnceLock<Isa> = OnceLock::new();
+        *ISA.get_or_init(|| {
+            let best = Self::best_supported();
+            match std::env::var("LMX_KERNELS").ok().as_deref() {
+                Some("scalar") => Isa::Scalar,
+                Some("avx2") => best.min(Isa::Avx2),
+                _ => best,
+            }
+        })
+    }
+
+    pub(crate) fn best_supported() -> Isa {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let avx2 = is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c");
+            let avx512 = avx2
+                && is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512vl")
+                && is_x86_feature_detected!("avx512dq");
+            if avx512 {
+                return Isa::Avx512;
+            }
+            if avx2 {
+                return Isa::Avx2;
+            }
+        }
+        Isa::Scalar
+    }
+
+    /// Every flavour this CPU can run, lowest first (tests check each against the reference).
+    pub fn all_supported() -> Vec<Isa> {
+        [Isa::Scalar, Isa::Avx2, Isa::Avx512]
+            .into_iter()
+            .filter(|isa| *isa <= Self::best_supported())
+            .collect()
+    }
+}
+
+impl Extensions {
+    /// The extensions of this CPU, detected once.
+    pub fn detect() -> Extensions {
+        static EXT: OnceLock<Extensions> = OnceLock::new();
+        *EXT.get_or_init(|| {
+            #[cfg(target_arch = "x86_64")]
+            {
+                Extensions {
+                    avx512_vnni: is_x86_feature_detected!("avx512vnni"),
+                    avx_vnni: is_x86_feature_detected!("avxvnni"),
+                    avx512_bf16: is_x86_feature_detected!("avx512bf16"),
+                }
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            {
+                Extensions::default()
+            }
+        })
+    }
+}
+
+/// A one-line description of the CPU and the kernels chosen for it (benchmarks print it).
+pub fn describe_cpu() -> String {
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_owned())
+        })
+        .unwrap_or_else(|| std::env::consts::ARCH.to_owned());
+    let ext = Extensions::detect();
+    format!(
+        "{model}; {} threads; kernels {:?}{}{}{}",
+        rayon::current_num_threads(),
+        Isa::detect(),
+        if ext.avx512_vnni { " +avx512vnni" } else { "" },
+        if ext.avx_vnni { " +avxvnni" } else { "" },
+        if ext.avx512_bf16 { " +avx512bf16" } else { "" },
+    )
+}
+
+/// A raw pointer that may cross threads: kernels hand each thread a disjoint set of output
+/// indices and write through it. Whoever writes must keep to their own indices.
+#[derive(Clone, Copy)]
+pub struct SyncPtr<T>(pub *mut T);
+// SAFETY: used only to write disjoint elements from different threads (see `par_rows`).
+unsafe impl<T: Send> Send for SyncPtr<T> {}
+// SAFETY: as above.
+unsafe impl<T: Send> Sync for SyncPtr<T> {}
+
+/// Runs `f` on a thread of rayon's pool, so each [`par_rows`] inside it shares its work among
+/// the pool's threads with the caller taking part, instead of handing every product over from
+/// an outside thread and sleeping until it is done. Forward passes run inside this.
+pub fn in_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    let mut out = None;
+    rayon::scope(|_| out = Some(f()));
+    out.expect("rayon::scope runs its closure before returning")
+}
+
+/// Runs `f` over `0..rows` split into contiguous ranges (multiples of `grain`, except the
+/// last) on rayon's pool: about four ranges per thread so uneven cores balance out. A small
+/// job, under two grains per thread or under `min_work` total units (`rows * work_per_row`),
+/// runs on the calling thread.
+pub fn par_rows<F>(rows: usize, grain: usize, work_per_row: usize, f: F)
+where
+    F: Fn(Range<usize>) + Sync + Send,
+{
+    use rayon::prelude::*;
+    const MIN_PARALLEL_WORK: usize = 32 * 1024;
+    let grain = grain.max(1);
+    let threads = rayon::current_num_threads().max(1);
+    if threads == 1 || rows <= grain || rows.saturating_mul(work_per_row) < MIN_PARALLEL_WORK {
+        f(0..rows);
+        return;
+    }
+    let chunks_wanted = threads * 4;
+    let chunk = rows.div_ceil(chunks_wanted).div_ceil(grain).max(1) * grain;
+    let chunks = rows.div_ceil(chunk);
+    (0..chunks).into_par_iter().for_each(|c| {
+        let start = c * chunk;
+        f(start..(start + chunk).min(rows));
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    #[test]
+    fn par_rows_covers_every_row_once_in_grain_aligned_ranges() {
+        for (rows, grain, work) in [
+            (0, 4, 1),
+            (7, 4, 1_000_000),
+            (1000, 16, 100),
+            (1001, 32, 64),
+        ] {
+            let seen = Mutex::new(vec![0u8; rows]);
+            par_rows(rows, grain, work, |range| {
+                assert!(range.start % grain == 0, "{range:?} not aligned to {grain}");
+                let mut seen = seen.lock().unwrap();
+                for r in range {
+                    seen[r] += 1;
+                }
+            });
+            assert!(seen.into_inner().unwrap().iter().all(|&n| n == 1));
+        }
+    }
+
+    #[test]
+    fn detected_isa_is_among_the_supported() {
+        assert!(Isa::all_supported().contains(&Isa::detect()));
+        assert_eq!(Isa::all_supported()[0], Isa::Scalar);
+    }
+}

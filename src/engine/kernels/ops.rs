@@ -1,0 +1,271 @@
+//! Row-wise operations around the products: RMS normalisation, rotary position embeddings,
+//! softmax and SwiGLU. Each is written once in plain Rust that the compiler vectorises, and
+//! compiled a second time inside an AVX-512 (or AVX2) `#[target_feature]` wrapper so the same
+//! code runs on wide registers where the CPU has them.
+//!
+//! `exp` is a polynomial (Cody–Waite range reduction, degree-6 minimax), within 2 ulp of libm
+//! over the range softmax and SiLU use; it is branch-free so it vectorises.
+
+use super::Isa;
+
+/// e^x for finite x; 0 below -87.3, +inf above 88.7.
+#[inline(always)]
+fn exp(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    let x = x.clamp(-87.336_55, 88.722_83);
+    let n = (x * LOG2E).round();
+    let r = x - n * LN2_HI - n * LN2_LO;
+    // e^r on [-ln2/2, ln2/2].
+    let p = 1.987_569_1e-4_f32;
+    let p = p.mul_add(r, 1.398_199_9e-3);
+    let p = p.mul_add(r, 8.333_452e-3);
+    let p = p.mul_add(r, 4.166_579_6e-2);
+    let p = p.mul_add(r, 1.666_666_5e-1);
+    let p = p.mul_add(r, 5.000_000_1e-1);
+    let p = (p * r).mul_add(r, r) + 1.0;
+    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    p * scale
+}
+
+macro_rules! dispatch {
+    ($body:ident ( $($arg:expr),* )) => {{
+        #[cfg(target_arch = "x86_64")]
+        {
+            #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")]
+            unsafe fn wide512(f: impl FnOnce()) { f() }
+            #[target_feature(enable = "avx2,fma")]
+            unsafe fn wide256(f: impl FnOnce()) { f() }
+            match Isa::detect() {
+                // SAFETY: the CPU has these features (Isa::detect).
+                Isa::Avx512 => unsafe { wide512(|| $body($($arg),*)) },
+                // SAFETY: as above.
+                Isa::Avx2 => unsafe { wide256(|| $body($($arg),*)) },
+                Isa::Scalar => $body($($arg),*),
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            $body($($arg),*)
+        }
+    }};
+}
+
+#[inline(always)]
+fn rms_norm_body(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+    let mut acc = [0f32; 16];
+    let mut chunks = x.chunks_exact(16);
+    for c in &mut chunks {
+        for i in 0..16 {
+            acc[i] = c[i].mul_add(c[i], acc[i]);
+        }
+    }
+    let mut sum: f32 = acc.iter().sum();
+    for v in chunks.remainder() {
+        sum += v * v;
+    }
+    let scale = 1.0 / (sum / x.len() as f32 + eps).sqrt();
+    for ((o, v), w) in out.iter_mut().zip(x).zip(weight) {
+        *o = v * scale * w;
+    }
+}
+
+/// `out = x / sqrt(mean(x²) + eps) · weight` (RMSNorm of llama and its family).
+pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+    debug_assert!(x.len() == weight.len() && x.len() == out.len());
+    dispatch!(rms_norm_body(x, weight, eps, out))
+}
+
+#[inline(always)]
+fn rms_norm_in_place_body(x: &mut [f32], weight: &[f32], eps: f32) {
+    let sum: f32 = x.iter().map(|v| v * v).sum();
+    let scale = 1.0 / (sum / x.len() as f32 + eps).sqrt();
+    for (v, w) in x.iter_mut().zip(weight) {
+        *v = *v * scale * w;
+    }
+}
+
+/// RMSNorm in place (Qwen3's per-head q/k norms).
+pub fn rms_norm_in_place(x: &mut [f32], weight: &[f32], eps: f32) {
+    debug_assert_eq!(x.len(), weight.len());
+    dispatch!(rms_norm_in_place_body(x, weight, eps))
+}
+
+#[inline(always)]
+fn softmax_body(x: &mut [f32]) {
+    let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    let mut sum = 0f32;
+    for v in x.iter_mut() {
+        *v = exp(*v - max);
+        sum += *v;
+    }
+    let inv = 1.0 / sum;
+    for v in x.iter_mut() {
+        *v *= inv;
+    }
+}
+
+/// Softmax in place over a non-empty row.
+pub fn softmax(x: &mut [f32]) {
+    dispatch!(softmax_body(x))
+}
+
+#[inline(always)]
+fn swiglu_body(gate: &[f32], up: &[f32], out: &mut [f32]) {
+    for ((o, g), u) in out.iter_mut().zip(gate).zip(up) {
+        *o = g / (1.0 + exp(-g)) * u;
+    }
+}
+
+/// `out = silu(gate) · up` (the SwiGLU feed-forward's activation).
+pub fn swiglu(gate: &[f32], up: &[f32], out: &mut [f32]) {
+    debug_assert!(gate.len() == up.len() && gate.len() == out.len());
+    dispatch!(swiglu_body(gate, up, out))
+}
+
+/// How a model pairs the dimensions it rotates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RopeStyle {
+    /// Dimension i with i + d/2 (Hugging Face's `rotate_half`; GGUF qwen2/qwen3).
+    Neox,
+    /// Dimension 2i with 2i + 1 (GGUF llama, whose q/k rows llama.cpp permuted).
+    Interleaved,
+}
+
+/// Rotates one head vector `x` (length `2 · cos.len()`) by the angles whose cosines and sines
+/// are `cos` and `sin` (one per rotated pair).
+#[inline]
+pub fn rope(x: &mut [f32], cos: &[f32], sin: &[f32], style: RopeStyle) {
+    let half = cos.len();
+    debug_assert_eq!(x.len(), 2 * half);
+    match style {
+        RopeStyle::Neox => {
+            let (a, b) = x.split_at_mut(half);
+            for i in 0..half {
+                let (x0, x1) = (a[i], b[i]);
+                a[i] = x0 * cos[i] - x1 * sin[i];
+                b[i] = x0 * sin[i] + x1 * cos[i];
+            }
+        }
+        RopeStyle::Interleaved => {
+            for i in 0..half {
+                let (x0, x1) = (x[2 * i], x[2 * i + 1]);
+                x[2 * i] = x0 * cos[i] - x1 * sin[i];
+                x[2 * i + 1] = x0 * sin[i] + x1 * cos[i];
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Tensor, D};
+
+    fn random(len: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..len)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 8.0 - 4.0
+            })
+            .collect()
+    }
+
+    fn t(v: &[f32]) -> Tensor {
+        Tensor::new(v, &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn exp_is_within_two_ulp_of_libm() {
+        let mut x = -87.0f32;
+        while x < 88.0 {
+            let (a, b) = (exp(x), x.exp());
+            assert!((a - b).abs() <= 2.5e-7 * b, "exp({x}) = {a}, libm {b}");
+            x += 0.0137;
+        }
+        assert_eq!(exp(-200.0), 0.0f32.max(exp(-200.0)));
+        assert!(exp(-200.0) < 1e-37);
+    }
+
+    /// Tolerance: 1e-6 relative to the largest magnitude (f32 rounding of the same formulas).
+    #[test]
+    fn softmax_rmsnorm_and_swiglu_match_candle() {
+        for len in [1, 7, 64, 100, 576] {
+            let x = random(len, 1);
+            let w = random(len, 2);
+            let mut s = x.clone();
+            softmax(&mut s);
+            let expected: Vec<f32> = candle_nn::ops::softmax(&t(&x), D::Minus1)
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            for (a, b) in s.iter().zip(&expected) {
+                assert!((a - b).abs() <= 1e-6, "softmax {a} vs {b}");
+            }
+            let mut n = vec![0f32; len];
+            rms_norm(&x, &w, 1e-5, &mut n);
+            let expected: Vec<f32> = candle_nn::ops::rms_norm(&t(&x), &t(&w), 1e-5)
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            for (a, b) in n.iter().zip(&expected) {
+                assert!(
+                    (a - b).abs() <= 1e-5 * (1.0 + b.abs()),
+                    "rms_norm {a} vs {b}"
+                );
+            }
+            let mut n2 = x.clone();
+            rms_norm_in_place(&mut n2, &w, 1e-5);
+            for (a, b) in n2.iter().zip(&expected) {
+                assert!(
+                    (a - b).abs() <= 1e-5 * (1.0 + b.abs()),
+                    "rms_norm_in_place {a} vs {b}"
+                );
+            }
+            let mut out = vec![0f32; len];
+            swiglu(&x, &w, &mut out);
+            let expected: Vec<f32> = (candle_nn::ops::silu(&t(&x)).unwrap() * t(&w))
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            for (a, b) in out.iter().zip(&expected) {
+                assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "swiglu {a} vs {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn rope_styles_match_candles_rope_ops() {
+        let (half, heads) = (8, 2);
+        let x = random(heads * 2 * half, 3);
+        let angles: Vec<f32> = (0..half).map(|i| 0.3 * (i as f32 + 1.0)).collect();
+        let cos: Vec<f32> = angles.iter().map(|a| a.cos()).collect();
+        let sin: Vec<f32> = angles.iter().map(|a| a.sin()).collect();
+        let xt = Tensor::from_slice(&x, (1, heads, 1, 2 * half), &Device::Cpu).unwrap();
+        let ct = Tensor::from_slice(&cos, (1, half), &Device::Cpu).unwrap();
+        let st = Tensor::from_slice(&sin, (1, half), &Device::Cpu).unwrap();
+        for (style, reference) in [
+            (
+                RopeStyle::Neox,
+                candle_nn::rotary_emb::rope(&xt, &ct, &st).unwrap(),
+            ),
+            (
+                RopeStyle::Interleaved,
+                candle_nn::rotary_emb::rope_i(&xt, &ct, &st).unwrap(),
+            ),
+        ] {
+            let expected: Vec<f32> = reference.flatten_all().unwrap().to_vec1().unwrap();
+            let mut got = x.clone();
+            for head in got.chunks_mut(2 * half) {
+                rope(head, &cos, &sin, style);
+            }
+            for (a, b) in got.iter().zip(&expected) {
+                assert!((a - b).abs() < 1e-6, "{style:?}: {a} vs {b}");
+            }
+        }
+    }
+}

@@ -1,0 +1,485 @@
+//! The forward pass: one call runs any number of sequences, each with its own new tokens (a
+//! prompt chunk or one decode token) at its own position, over one shared set of weights.
+//! Every linear layer runs once over all the call's tokens (decode of many sequences reads the
+//! weights once); attention runs per sequence against that sequence's [`KvCache`].
+
+use super::{
+    config::NativeConfig,
+    weights::{Fused, Linear, Source},
+};
+use crate::engine::kernels::{
+    dense::{self, DenseWeights},
+    ops,
+    quant::QuantScratch,
+};
+
+struct Layer {
+    attn_norm: Vec<f32>,
+    qkv: Fused,
+    q_norm: Option<Vec<f32>>,
+    k_norm: Option<Vec<f32>>,
+    o: Linear,
+    ffn_norm: Vec<f32>,
+    gate_up: Fused,
+    down: Linear,
+}
+
+/// A loaded llama-family model.
+pub struct Model {
+    pub config: NativeConfig,
+    embed: Linear,
+    layers: Vec<Layer>,
+    norm: Vec<f32>,
+    /// None: tied to the embedding.
+    head: Option<Linear>,
+    inv_freqs: Vec<f32>,
+}
+
+/// Keys and values of one sequence, allocated once for its whole length.
+///
+/// Layout per layer and key/value head: keys as `[capacity][head_dim]` (rows for the score
+/// product), values transposed as `[head_dim][capacity]` (rows for the weighted sum).
+pub struct KvCache {
+    capacity: usize,
+    len: usize,
+    keys: Vec<f32>,
+    values_t: Vec<f32>,
+    head_dim: usize,
+    kv_heads: usize,
+}
+
+impl KvCache {
+    pub fn new(config: &NativeConfig, capacity: usize) -> Self {
+        let size = config.layers * config.kv_heads * capacity * config.head_dim;
+        KvCache {
+            capacity,
+            len: 0,
+            // Zeroed pages from the OS: memory beyond what the sequence reaches stays untouched.
+            keys: vec![0.0; size],
+            values_t: vec![0.0; size],
+            head_dim: config.head_dim,
+            kv_heads: config.kv_heads,
+        }
+    }
+
+    /// Tokens cached so far (the position of the next one).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Forgets everything from position `len` on.
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+
+    /// Bytes a cache of `capacity` tokens takes.
+    pub fn bytes_for(config: &NativeConfig, capacity: usize) -> u64 {
+        (2 * config.layers * config.kv_heads * capacity * config.head_dim * 4) as u64
+    }
+
+    fn head_offset(&self, layer: usize, head: usize) -> usize {
+        (layer * self.kv_heads + head) * self.capacity * self.head_dim
+    }
+}
+
+/// One sequence's part of a forward call.
+pub struct Step<'a> {
+    pub tokens: &'a [u32],
+    pub cache: &'a mut KvCache,
+}
+
+/// Buffers of a forward pass, grown to the largest call and then reused: a decode step
+/// allocates nothing.
+#[derive(Default)]
+pub struct Workspace {
+    x: Vec<f32>,
+    xn: Vec<f32>,
+    qkv: Vec<f32>,
+    attn: Vec<f32>,
+    proj: Vec<f32>,
+    gate_up: Vec<f32>,
+    act: Vec<f32>,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    att_q: Vec<f32>,
+    scores: Vec<f32>,
+    att_out: Vec<f32>,
+    last: Vec<f32>,
+    tmp: Vec<f32>,
+    /// Logits of each step's last token, `steps × vocab`.
+    pub logits: Vec<f32>,
+    scratch: QuantScratch,
+}
+
+fn grow(v: &mut Vec<f32>, len: usize) {
+    if v.len() < len {
+        v.resize(len, 0.0);
+    }
+}
+
+impl Model {
+    pub fn load(config: NativeConfig, mut src: Source) -> Result<Model, String> {
+        let c = &config;
+        let gguf = matches!(src, Source::Gguf { .. });
+        let (q_dim, kv_dim) = (c.heads * c.head_dim, c.kv_heads * c.head_dim);
+        let name = |hf: &str, gg: &str| if gguf { gg.to_owned() } else { hf.to_owned() };
+        let embed = src.linear(
+            &name("model.embed_tokens.weight", "token_embd.weight"),
+            c.vocab,
+            c.hidden,
+            None,
+        )?;
+        let mut layers = Vec::with_capacity(c.layers);
+        for i in 0..c.layers {
+            let hf = |s: &str| format!("model.layers.{i}.{s}");
+            let gg = |s: &str| format!("blk.{i}.{s}");
+            let n = |h: &str, g: &str| if gguf { gg(g) } else { hf(h) };
+            let bias = |h: &str, g: &str| c.qkv_bias.then(|| n(h, g));
+            let q = src.linear(
+                &n("self_attn.q_proj.weight", "attn_q.weight"),
+                q_dim,
+                c.hidden,
+                bias("self_attn.q_proj.bias", "attn_q.bias").as_deref(),
+            )?;
+            let k = src.linear(
+                &n("self_attn.k_proj.weight", "attn_k.weight"),
+                kv_dim,
+                c.hidden,
+                bias("self_attn.k_proj.bias", "attn_k.bias").as_deref(),
+            )?;
+            let v = src.linear(
+                &n("self_attn.v_proj.weight", "attn_v.weight"),
+                kv_dim,
+                c.hidden,
+                bias("self_attn.v_proj.bias", "attn_v.bias").as_deref(),
+            )?;
+            let (q_norm, k_norm) = if c.qk_norm {
+                (
+                    Some(src.vector(
+                        &n("self_attn.q_norm.weight", "attn_q_norm.weight"),
+                        c.head_dim,
+                    )?),
+                    Some(src.vector(
+                        &n("self_attn.k_norm.weight", "attn_k_norm.weight"),
+                        c.head_dim,
+                    )?),
+                )
+            } else {
+                (None, None)
+            };
+            let gate = src.linear(
+                &n("mlp.gate_proj.weight", "ffn_gate.weight"),
+                c.ffn,
+                c.hidden,
+                None,
+            )?;
+            let up = src.linear(
+                &n("mlp.up_proj.weight", "ffn_up.weight"),
+                c.ffn,
+                c.hidden,
+                None,
+            )?;
+            layers.push(Layer {
+                attn_norm: src
+                    .vector(&n("input_layernorm.weight", "attn_norm.weight"), c.hidden)?,
+                qkv: Fused::new(vec![q, k, v]),
+                q_norm,
+                k_norm,
+                o: src.linear(
+                    &n("self_attn.o_proj.weight", "attn_output.weight"),
+                    c.hidden,
+                    q_dim,
+                    None,
+                )?,
+                ffn_norm: src.vector(
+                    &n("post_attention_layernorm.weight", "ffn_norm.weight"),
+                    c.hidden,
+                )?,
+                gate_up: Fused::new(vec![gate, up]),
+                down: src.linear(
+                    &n("mlp.down_proj.weight", "ffn_down.weight"),
+                    c.hidden,
+                    c.ffn,
+                    None,
+                )?,
+            });
+        }
+        let norm = src.vector(&name("model.norm.weight", "output_norm.weight"), c.hidden)?;
+        let head_name = name("lm_head.weight", "output.weight");
+        let head = if src.has(&head_name) && !(c.tied_embeddings && !gguf) {
+            Some(src.linear(&head_name, c.vocab, c.hidden, None)?)
+        } else if c.tied_embeddings || gguf {
+            None
+        } else {
+            return Err(format!(
+                "{head_name} is missing and tie_word_embeddings is false"
+            ));
+        };
+        let mut config = config;
+        if gguf && src.has("rope_freqs.weight") {
+            config.rope_freq_factors = Some(src.vector("rope_freqs.weight", config.head_dim / 2)?);
+        }
+        Ok(Model {
+            inv_freqs: config.inv_freqs(),
+            config,
+            embed,
+            layers,
+            norm,
+            head,
+        })
+    }
+
+    /// Bytes the weights take in memory.
+    pub fn bytes(&self) -> u64 {
+        let layers: usize = self
+            .layers
+            .iter()
+            .map(|l| {
+                l.qkv.bytes()
+                    + l.o.bytes()
+                    + l.gate_up.bytes()
+                    + l.down.bytes()
+                    + 4 * (l.attn_norm.len() + l.ffn_norm.len())
+            })
+            .sum();
+        (self.embed.bytes() + self.head.as_ref().map_or(0, Linear::bytes) + layers) as u64
+    }
+
+    /// Runs every step's new tokens; afterwards `ws.logits` holds one row of `vocab` logits per
+    /// step, for its last token. Fails (changing nothing) when a step's tokens would overflow
+    /// its cache or a token id is outside the vocabulary.
+    pub fn forward(&self, steps: &mut [Step<'_>], ws: &mut Workspace) -> Result<(), String> {
+        let c = &self.config;
+        let total: usize = steps.iter().map(|s| s.tokens.len()).sum();
+        for s in steps.iter() {
+            if s.tokens.is_empty() {
+                return Err("a step has no tokens".into());
+            }
+            if s.cache.len + s.tokens.len() > s.cache.capacity {
+                return Err(format!(
+                    "the sequence would reach {} tokens; its cache holds {}",
+                    s.cache.len + s.tokens.len(),
+                    s.cache.capacity
+                ));
+            }
+            if let Some(&bad) = s.tokens.iter().find(|&&t| t as usize >= c.vocab) {
+                return Err(format!(
+                    "token id {bad} is outside the vocabulary of {}",
+                    c.vocab
+                ));
+            }
+        }
+        let (hd, half) = (c.head_dim, c.head_dim / 2);
+        let (q_dim, kv_dim) = (c.heads * hd, c.kv_heads * hd);
+        let qkv_w = q_dim + 2 * kv_dim;
+        grow(&mut ws.x, total * c.hidden);
+        grow(&mut ws.xn, total * c.hidden);
+        grow(&mut ws.qkv, total * qkv_w);
+        grow(&mut ws.attn, total * q_dim);
+        grow(&mut ws.proj, total * c.hidden);
+        grow(&mut ws.gate_up, total * 2 * c.ffn);
+        grow(&mut ws.act, total * c.ffn);
+        grow(&mut ws.cos, total * half);
+        grow(&mut ws.sin, total * half);
+
+        // Embeddings and the rotation of each token's position.
+        let mut t = 0;
+        for s in steps.iter() {
+            for (i, &token) in s.tokens.iter().enumerate() {
+                self.embed
+                    .row(token as usize, &mut ws.x[t * c.hidden..(t + 1) * c.hidden]);
+                let pos = (s.cache.len + i) as f32;
+                for (j, f) in self.inv_freqs.iter().enumerate() {
+                    let angle = pos * f;
+                    ws.cos[t * half + j] = angle.cos();
+                    ws.sin[t * half + j] = angle.sin();
+                }
+                t += 1;
+            }
+        }
+
+        for (li, layer) in self.layers.iter().enumerate() {
+            for t in 0..total {
+                let r = t * c.hidden..(t + 1) * c.hidden;
+                ops::rms_norm(&ws.x[r.clone()], &layer.attn_norm, c.rms_eps, &mut ws.xn[r]);
+            }
+            layer
+                .qkv
+                .forward(&ws.xn, total, &mut ws.qkv, &mut ws.tmp, &mut ws.scratch);
+            for t in 0..total {
+                let row = &mut ws.qkv[t * qkv_w..(t + 1) * qkv_w];
+                let (cos, sin) = (
+                    &ws.cos[t * half..(t + 1) * half],
+                    &ws.sin[t * half..(t + 1) * half],
+                );
+                let (q, rest) = row.split_at_mut(q_dim);
+                let k = &mut rest[..kv_dim];
+                for head in q.chunks_exact_mut(hd) {
+                    if let Some(w) = &layer.q_norm {
+                        ops::rms_norm_in_place(head, w, c.rms_eps);
+                    }
+                    ops::rope(head, cos, sin, c.rope_style);
+                }
+                for head in k.chunks_exact_mut(hd) {
+                    if let Some(w) = &layer.k_norm {
+                        ops::rms_norm_in_place(head, w, c.rms_eps);
+                    }
+                    ops::rope(head, cos, sin, c.rope_style);
+                }
+            }
+            let mut first = 0;
+            for s in steps.iter_mut() {
+                let n = s.tokens.len();
+                self.attention(li, s, first, n, ws);
+                first += n;
+            }
+            layer
+                .o
+                .forward(&ws.attn, total, &mut ws.proj, &mut ws.scratch);
+            for (x, p) in ws.x[..total * c.hidden].iter_mut().zip(&ws.proj) {
+                *x += p;
+            }
+            for t in 0..total {
+                let r = t * c.hidden..(t + 1) * c.hidden;
+                ops::rms_norm(&ws.x[r.clone()], &layer.ffn_norm, c.rms_eps, &mut ws.xn[r]);
+            }
+            layer
+                .gate_up
+                .forward(&ws.xn, total, &mut ws.gate_up, &mut ws.tmp, &mut ws.scratch);
+            for t in 0..total {
+                let gu = &ws.gate_up[t * 2 * c.ffn..(t + 1) * 2 * c.ffn];
+                let (g, u) = gu.split_at(c.ffn);
+                ops::swiglu(g, u, &mut ws.act[t * c.ffn..(t + 1) * c.ffn]);
+            }
+            layer
+                .down
+                .forward(&ws.act, total, &mut ws.proj, &mut ws.scratch);
+            for (x, p) in ws.x[..total * c.hidden].iter_mut().zip(&ws.proj) {
+                *x += p;
+            }
+        }
+
+        // Logits of each step's last token.
+        let count = steps.len();
+        grow(&mut ws.last, count * c.hidden);
+        grow(&mut ws.logits, count * c.vocab);
+        let mut end = 0;
+        for (i, s) in steps.iter_mut().enumerate() {
+            end += s.tokens.len();
+            let t = end - 1;
+            ops::rms_norm(
+                &ws.x[t * c.hidden..(t + 1) * c.hidden],
+                &self.norm,
+                c.rms_eps,
+                &mut ws.last[i * c.hidden..(i + 1) * c.hidden],
+            );
+            s.cache.len += s.tokens.len();
+        }
+        let head = self.head.as_ref().unwrap_or(&self.embed);
+        head.forward(&ws.last, count, &mut ws.logits, &mut ws.scratch);
+        Ok(())
+    }
+
+    /// Attention of one step's `n` tokens (rows `first..first + n` of the call) against its
+    /// cache: stores their keys and values, then for each key/value head computes the scores
+    /// of all the heads that share it as one product, masks, softmaxes and sums the values as
+    /// a second product.
+    fn attention(
+        &self,
+        layer: usize,
+        s: &mut Step<'_>,
+        first: usize,
+        n: usize,
+        ws: &mut Workspace,
+    ) {
+        let c = &self.config;
+        let hd = c.head_dim;
+        let (q_dim, kv_dim) = (c.heads * hd, c.kv_heads * hd);
+        let qkv_w = q_dim + 2 * kv_dim;
+        let group = c.heads / c.kv_heads;
+        let cache = &mut *s.cache;
+        let start = cache.len;
+        let kv_len = start + n;
+        let cap = cache.capacity;
+        for i in 0..n {
+            let row = &ws.qkv[(first + i) * qkv_w..(first + i + 1) * qkv_w];
+            for g in 0..c.kv_heads {
+                let off = cache.head_offset(layer, g);
+                let k = &row[q_dim + g * hd..q_dim + (g + 1) * hd];
+                let v = &row[q_dim + kv_dim + g * hd..q_dim + kv_dim + (g + 1) * hd];
+                cache.keys[off + (start + i) * hd..off + (start + i + 1) * hd].copy_from_slice(k);
+                for (d, &val) in v.iter().enumerate() {
+                    cache.values_t[off + d * cap + start + i] = val;
+                }
+            }
+        }
+        let rows = n * group;
+        grow(&mut ws.att_q, rows * hd);
+        grow(&mut ws.scores, rows * kv_len);
+        grow(&mut ws.att_out, rows * hd);
+        let scale = 1.0 / (hd as f32).sqrt();
+        for g in 0..c.kv_heads {
+            // The queries of the group's heads, row (token i, head h) = i·group + h.
+            for i in 0..n {
+                let row = &ws.qkv[(first + i) * qkv_w..];
+                for h in 0..group {
+                    let head = g * group + h;
+                    ws.att_q[(i * group + h) * hd..(i * group + h + 1) * hd]
+                        .copy_from_slice(&row[head * hd..(head + 1) * hd]);
+                }
+            }
+            let off = cache.head_offset(layer, g);
+            let keys = &cache.keys[off..off + kv_len * hd];
+            let scores = &mut ws.scores[..rows * kv_len];
+            dense::matmul(DenseWeights::F32(keys), kv_len, hd, &ws.att_q, rows, scores);
+            for i in 0..n {
+                let pos = start + i;
+                let lo = c.sliding_window.map_or(0, |w| (pos + 1).saturating_sub(w));
+                for h in 0..group {
+                    let row = &mut scores[(i * group + h) * kv_len..(i * group + h + 1) * kv_len];
+                    row[..lo].iter_mut().for_each(|v| *v = 0.0);
+                    row[pos + 1..].iter_mut().for_each(|v| *v = 0.0);
+                    let live = &mut row[lo..=pos];
+                    live.iter_mut().for_each(|v| *v *= scale);
+                    ops::softmax(live);
+                }
+            }
+            // out = P · V: the transposed values are hd rows of stride `cap`.
+            let values = &cache.values_t[off..off + hd * cap];
+            dense::matmul_strided(
+                DenseWeights::F32(values),
+                hd,
+                kv_len,
+                cap,
+                scores,
+                rows,
+                &mut ws.att_out[..rows * hd],
+            );
+            for i in 0..n {
+                let dst = &mut ws.attn[(first + i) * q_dim..(first + i + 1) * q_dim];
+                for h in 0..group {
+                    let head = g * group + h;
+                    dst[head * hd..(head + 1) * hd].copy_from_slice(
+                        &ws.att_out[(i * group + h) * hd..(i * group + h + 1) * hd],
+                    );
+                }
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for Model {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Model")
+            .field("config", &self.config)
+            .finish()
+    }
+}

@@ -1,0 +1,297 @@
+//! The native forward pass against candle-transformers on the same tiny random weights (fixed
+//! seeds): every llama-family variant, safetensors and GGUF, prompt then decode steps; plus the
+//! properties batching relies on (a multi-sequence call equals separate calls; a chunked
+//! prompt equals a whole one).
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{quantized::gguf_file, DType, Device};
+use serde_json::Value;
+
+use super::*;
+use crate::engine::arch::{self, CausalLm};
+use crate::testing::tiny;
+
+const PROMPT: &[u32] = &[257, 72, 101, 108, 108, 111, 44, 32, 119, 111, 114, 108, 100];
+
+fn read_config(dir: &Path) -> Value {
+    serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap()
+}
+
+fn weights(dir: &Path) -> Vec<PathBuf> {
+    vec![dir.join("model.safetensors")]
+}
+
+/// Logits for the prompt, then for `decode` greedy steps, from one model.
+fn run(model: &mut dyn CausalLm, decode: usize) -> Vec<Vec<f32>> {
+    let mut out = vec![model.forward(PROMPT, 0).unwrap().to_vec()];
+    let mut pos = PROMPT.len();
+    for _ in 0..decode {
+        let last = out.last().unwrap();
+        let next = argmax(last);
+        out.push(model.forward(&[next], pos).unwrap().to_vec());
+        pos += 1;
+    }
+    out
+}
+
+fn argmax(v: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &x) in v.iter().enumerate() {
+        if x > v[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// max |a - b| / (1 + |b|) over every logit of every step.
+fn worst(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .flat_map(|(x, y)| {
+            assert_eq!(x.len(), y.len());
+            x.iter()
+                .zip(y)
+                .map(|(p, q)| (p - q).abs() / (1.0 + q.abs()))
+        })
+        .fold(0.0, f32::max)
+}
+
+fn native_and_candle(dir: &Path) -> (Box<dyn CausalLm>, Box<dyn CausalLm>) {
+    let config = read_config(dir);
+    let native = load_safetensors(&config, &weights(dir), DType::F32)
+        .unwrap()
+        .expect("the native path runs this config");
+    let candle = arch::load_candle_safetensors(&config, &weights(dir), DType::F32, &Device::Cpu)
+        .unwrap()
+        .model;
+    let native = NativeLm::base(native).fork(64).unwrap();
+    let candle = candle.fork(64).unwrap_or(candle);
+    (native, candle)
+}
+
+/// Tolerance 1e-4 relative: both run f32 end to end; only summation order and the exp/rope
+/// formulas differ.
+#[test]
+fn every_llama_family_variant_matches_candle_transformers() {
+    for arch in ["llama", "mistral", "qwen2", "qwen3"] {
+        let dir = tempfile::tempdir().unwrap();
+        tiny::write_model(dir.path(), arch, 11);
+        let (mut native, mut candle) = native_and_candle(dir.path());
+        let (a, b) = (run(native.as_mut(), 6), run(candle.as_mut(), 6));
+        let err = worst(&a, &b);
+        assert!(err < 1e-4, "{arch}: worst relative logit difference {err}");
+    }
+}
+
+#[test]
+fn llama3_rope_scaling_matches_candle() {
+    let dir = tempfile::tempdir().unwrap();
+    tiny::write_model_with(dir.path(), "llama", 12, |c| {
+        c["rope_scaling"] = serde_json::json!({"rope_type": "llama3", "factor": 8.0,
+            "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 16});
+        c["rope_theta"] = serde_json::json!(500000.0);
+    });
+    let (mut native, mut candle) = native_and_candle(dir.path());
+    let err = worst(&run(native.as_mut(), 4), &run(candle.as_mut(), 4));
+    assert!(err < 1e-4, "worst relative logit difference {err}");
+}
+
+/// Transformers lets a token see the `sliding_window` positions up to and including its own;
+/// candle's mistral lets it see one more, and applies the window to a prompt only. So the
+/// comparison is native(window 4) against candle(window 3), on the prompt.
+#[test]
+fn a_sliding_window_shorter_than_the_prompt_masks_the_earliest_positions() {
+    let ours = tempfile::tempdir().unwrap();
+    tiny::write_model_with(ours.path(), "mistral", 13, |c| {
+        c["sliding_window"] = 4.into()
+    });
+    let theirs = tempfile::tempdir().unwrap();
+    tiny::write_model_with(theirs.path(), "mistral", 13, |c| {
+        c["sliding_window"] = 3.into()
+    });
+    let (mut native, _) = native_and_candle(ours.path());
+    let (_, mut candle) = native_and_candle(theirs.path());
+    let err = worst(&run(native.as_mut(), 0), &run(candle.as_mut(), 0));
+    assert!(err < 1e-4, "worst relative logit difference {err}");
+    // And the window does change the answer.
+    let full = tempfile::tempdir().unwrap();
+    tiny::write_model(full.path(), "mistral", 13);
+    let (mut unwindowed, _) = native_and_candle(full.path());
+    assert!(worst(&run(native.as_mut(), 0), &run(unwindowed.as_mut(), 0)) > 1e-3);
+}
+
+/// Both quantize the activations to Q8_0 blocks for the Q8_0 weights: tolerance 2e-3 relative.
+#[test]
+fn a_q8_0_gguf_llama_matches_candles_quantized_llama() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.gguf");
+    std::fs::write(&path, tiny::spm_llama_gguf(5)).unwrap();
+    let content = || gguf_file::Content::read(&mut std::fs::File::open(&path).unwrap()).unwrap();
+    let native = load_gguf(&path, content())
+        .unwrap()
+        .expect("native GGUF llama");
+    assert_eq!(
+        native.config.rope_style,
+        crate::engine::kernels::ops::RopeStyle::Interleaved
+    );
+    let mut native = NativeLm::base(native).fork(64).unwrap();
+    let mut candle = arch::load_candle_gguf(&path, content(), &Device::Cpu)
+        .unwrap()
+        .model
+        .fork(64)
+        .unwrap();
+    let err = worst(&run(native.as_mut(), 6), &run(candle.as_mut(), 6));
+    assert!(err < 2e-3, "worst relative logit difference {err}");
+}
+
+fn tiny_model(arch: &str) -> (tempfile::TempDir, Model) {
+    let dir = tempfile::tempdir().unwrap();
+    tiny::write_model(dir.path(), arch, 21);
+    let config = read_config(dir.path());
+    let model = load_safetensors(&config, &weights(dir.path()), DType::F32)
+        .unwrap()
+        .unwrap();
+    (dir, model)
+}
+
+#[test]
+fn one_call_over_several_sequences_equals_separate_calls() {
+    let (_dir, model) = tiny_model("qwen2");
+    let vocab = model.config.vocab;
+    let prompts: [&[u32]; 3] = [&PROMPT[..5], &PROMPT[2..], &PROMPT[..1]];
+    // Separate: each sequence alone.
+    let mut alone = Vec::new();
+    for p in prompts {
+        let mut cache = KvCache::new(&model.config, 32);
+        let mut ws = Workspace::default();
+        model
+            .forward(
+                &mut [Step {
+                    tokens: p,
+                    cache: &mut cache,
+                }],
+                &mut ws,
+            )
+            .unwrap();
+        let first = ws.logits[..vocab].to_vec();
+        model
+            .forward(
+                &mut [Step {
+                    tokens: &[7],
+                    cache: &mut cache,
+                }],
+                &mut ws,
+            )
+            .unwrap();
+        alone.push((first, ws.logits[..vocab].to_vec()));
+    }
+    // Together: all prompts in one call, then one decode token each in one call.
+    let mut caches: Vec<KvCache> = prompts
+        .iter()
+        .map(|_| KvCache::new(&model.config, 32))
+        .collect();
+    let mut ws = Workspace::default();
+    let mut steps: Vec<Step> = prompts
+        .iter()
+        .zip(caches.iter_mut())
+        .map(|(p, cache)| Step { tokens: p, cache })
+        .collect();
+    model.forward(&mut steps, &mut ws).unwrap();
+    let firsts: Vec<Vec<f32>> = ws
+        .logits
+        .chunks(vocab)
+        .take(3)
+        .map(<[f32]>::to_vec)
+        .collect();
+    let mut steps: Vec<Step> = caches
+        .iter_mut()
+        .map(|cache| Step {
+            tokens: &[7],
+            cache,
+        })
+        .collect();
+    model.forward(&mut steps, &mut ws).unwrap();
+    for (i, (first, second)) in alone.iter().enumerate() {
+        let together = [
+            firsts[i].clone(),
+            ws.logits[i * vocab..(i + 1) * vocab].to_vec(),
+        ];
+        let err = worst(&together, &[first.clone(), second.clone()]);
+        assert!(err < 1e-5, "sequence {i}: {err}");
+    }
+}
+
+#[test]
+fn a_prompt_in_chunks_equals_the_prompt_at_once() {
+    let (_dir, model) = tiny_model("llama");
+    let vocab = model.config.vocab;
+    let mut ws = Workspace::default();
+    let mut whole = KvCache::new(&model.config, 32);
+    model
+        .forward(
+            &mut [Step {
+                tokens: PROMPT,
+                cache: &mut whole,
+            }],
+            &mut ws,
+        )
+        .unwrap();
+    let expected = ws.logits[..vocab].to_vec();
+    let mut chunked = KvCache::new(&model.config, 32);
+    for chunk in PROMPT.chunks(4) {
+        model
+            .forward(
+                &mut [Step {
+                    tokens: chunk,
+                    cache: &mut chunked,
+                }],
+                &mut ws,
+            )
+            .unwrap();
+    }
+    assert_eq!(chunked.len(), PROMPT.len());
+    let err = worst(&[ws.logits[..vocab].to_vec()], &[expected]);
+    assert!(err < 1e-5, "{err}");
+}
+
+#[test]
+fn overflowing_the_cache_or_the_vocabulary_is_an_error_not_a_panic() {
+    let (_dir, model) = tiny_model("llama");
+    let mut ws = Workspace::default();
+    let mut cache = KvCache::new(&model.config, 4);
+    let err = model
+        .forward(
+            &mut [Step {
+                tokens: &PROMPT[..5],
+                cache: &mut cache,
+            }],
+            &mut ws,
+        )
+        .unwrap_err();
+    assert!(err.contains("cache holds 4"), "{err}");
+    assert_eq!(cache.len(), 0);
+    let err = model
+        .forward(
+            &mut [Step {
+                tokens: &[100_000],
+                cache: &mut cache,
+            }],
+            &mut ws,
+        )
+        .unwrap_err();
+    assert!(err.contains("outside the vocabulary"), "{err}");
+}
+
+#[test]
+fn configs_outside_the_family_fall_back_to_candle() {
+    for arch in ["phi3", "gemma2", "gemma3_text"] {
+        let config = tiny::config(arch);
+        assert!(NativeConfig::from_hf(&config).is_err(), "{arch}");
+    }
+    let mut odd = tiny::config("llama");
+    odd["rope_scaling"] = serde_json::json!({"rope_type": "yarn", "factor": 4.0});
+    assert!(NativeConfig::from_hf(&odd).is_err());
+}
