@@ -12,6 +12,7 @@
 
 pub mod dense;
 pub mod ops;
+pub mod packed;
 pub mod quant;
 
 use std::{ops::Range, sync::OnceLock};

@@ -71,18 +71,9 @@ impl KvCache {
         self.len == 0
     }
 
-    pub fn capacity(&self) -> usize {
-        self.capacity
-    }
-
     /// Forgets everything from position `len` on.
     pub fn truncate(&mut self, len: usize) {
         self.len = self.len.min(len);
-    }
-
-    /// Bytes a cache of `capacity` tokens takes.
-    pub fn bytes_for(config: &NativeConfig, capacity: usize) -> u64 {
-        (2 * config.layers * config.kv_heads * capacity * config.head_dim * 4) as u64
     }
 
     fn head_offset(&self, layer: usize, head: usize) -> usize {
@@ -193,29 +184,33 @@ impl Model {
                 qkv: Fused::new(vec![q, k, v]),
                 q_norm,
                 k_norm,
-                o: src.linear(
-                    &n("self_attn.o_proj.weight", "attn_output.weight"),
-                    c.hidden,
-                    q_dim,
-                    None,
-                )?,
+                o: src
+                    .linear(
+                        &n("self_attn.o_proj.weight", "attn_output.weight"),
+                        c.hidden,
+                        q_dim,
+                        None,
+                    )?
+                    .packed(),
                 ffn_norm: src.vector(
                     &n("post_attention_layernorm.weight", "ffn_norm.weight"),
                     c.hidden,
                 )?,
                 gate_up: Fused::new(vec![gate, up]),
-                down: src.linear(
-                    &n("mlp.down_proj.weight", "ffn_down.weight"),
-                    c.hidden,
-                    c.ffn,
-                    None,
-                )?,
+                down: src
+                    .linear(
+                        &n("mlp.down_proj.weight", "ffn_down.weight"),
+                        c.hidden,
+                        c.ffn,
+                        None,
+                    )?
+                    .packed(),
             });
         }
         let norm = src.vector(&name("model.norm.weight", "output_norm.weight"), c.hidden)?;
         let head_name = name("lm_head.weight", "output.weight");
         let head = if src.has(&head_name) && !(c.tied_embeddings && !gguf) {
-            Some(src.linear(&head_name, c.vocab, c.hidden, None)?)
+            Some(src.linear(&head_name, c.vocab, c.hidden, None)?.packed())
         } else if c.tied_embeddings || gguf {
             None
         } else {
@@ -235,22 +230,6 @@ impl Model {
             norm,
             head,
         })
-    }
-
-    /// Bytes the weights take in memory.
-    pub fn bytes(&self) -> u64 {
-        let layers: usize = self
-            .layers
-            .iter()
-            .map(|l| {
-                l.qkv.bytes()
-                    + l.o.bytes()
-                    + l.gate_up.bytes()
-                    + l.down.bytes()
-                    + 4 * (l.attn_norm.len() + l.ffn_norm.len())
-            })
-            .sum();
-        (self.embed.bytes() + self.head.as_ref().map_or(0, Linear::bytes) + layers) as u64
     }
 
     /// Runs every step's new tokens; afterwards `ws.logits` holds one row of `vocab` logits per

@@ -10,15 +10,20 @@ use half::{bf16, f16};
 
 use crate::engine::kernels::{
     dense::{self, DenseWeights},
+    packed::{self, Packed, PackedWeights},
     quant::{self, QuantKind, QuantScratch},
 };
 
-/// The values of a `rows × cols` matrix.
+/// The values of a `rows × cols` matrix: row-major as in the file, or (dense types) repacked
+/// into panels for the GEMM kernel once nothing more is fused into it.
 pub enum Matrix {
     F32(Vec<f32>),
     F16(Vec<f16>),
     Bf16(Vec<bf16>),
     Quant(QuantKind, Vec<u8>),
+    PackedF32(Packed<f32>),
+    PackedF16(Packed<f16>),
+    PackedBf16(Packed<bf16>),
 }
 
 impl Matrix {
@@ -32,12 +37,13 @@ impl Matrix {
         }
     }
 
-    fn bytes(&self) -> usize {
+    /// Repacks dense row-major values into panels (others are left as they are).
+    fn pack(self, rows: usize, cols: usize) -> Matrix {
         match self {
-            Matrix::F32(v) => v.len() * 4,
-            Matrix::F16(v) => v.len() * 2,
-            Matrix::Bf16(v) => v.len() * 2,
-            Matrix::Quant(_, v) => v.len(),
+            Matrix::F32(v) => Matrix::PackedF32(Packed::pack(&v, rows, cols)),
+            Matrix::F16(v) => Matrix::PackedF16(Packed::pack(&v, rows, cols)),
+            Matrix::Bf16(v) => Matrix::PackedBf16(Packed::pack(&v, rows, cols)),
+            other => other,
         }
     }
 
@@ -71,6 +77,9 @@ impl Linear {
             Matrix::Quant(kind, w) => {
                 quant::matmul(*kind, w, self.rows, self.cols, x, n, y, scratch)
             }
+            Matrix::PackedF32(p) => packed::matmul(PackedWeights::F32(p), x, n, y),
+            Matrix::PackedF16(p) => packed::matmul(PackedWeights::F16(p), x, n, y),
+            Matrix::PackedBf16(p) => packed::matmul(PackedWeights::Bf16(p), x, n, y),
         }
         if let Some(b) = &self.bias {
             for row in y.chunks_exact_mut(self.rows) {
@@ -86,11 +95,18 @@ impl Linear {
             Matrix::F16(w) => DenseWeights::F16(w).row_into(self.cols, r, out),
             Matrix::Bf16(w) => DenseWeights::Bf16(w).row_into(self.cols, r, out),
             Matrix::Quant(kind, w) => quant::dequantize_row(*kind, w, self.cols, r, out),
+            Matrix::PackedF32(_) | Matrix::PackedF16(_) | Matrix::PackedBf16(_) => {
+                unreachable!("embeddings are never packed")
+            }
         }
     }
 
-    pub fn bytes(&self) -> usize {
-        self.matrix.bytes() + self.bias.as_ref().map_or(0, |b| b.len() * 4)
+    /// This layer with its dense weights in panels (see [`Matrix`]).
+    pub fn packed(self) -> Linear {
+        Linear {
+            matrix: self.matrix.pack(self.rows, self.cols),
+            ..self
+        }
     }
 }
 
@@ -122,6 +138,7 @@ impl Fused {
                 _ => parts.push(layer),
             }
         }
+        let parts = parts.into_iter().map(Linear::packed).collect();
         Fused { parts, widths }
     }
 
@@ -158,10 +175,6 @@ impl Fused {
             }
             offset += part.rows;
         }
-    }
-
-    pub fn bytes(&self) -> usize {
-        self.parts.iter().map(Linear::bytes).sum()
     }
 }
 
