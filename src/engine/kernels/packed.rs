@@ -203,15 +203,26 @@ mod avx512 {
                 y: SyncPtr<f32>,
             ) {
                 let (rows, cols) = (w.rows, w.cols);
-                let base = w.data.as_ptr().add(p0 * cols * PANEL);
+                // One pointer per panel and per token row, advanced together: the loop body is
+                // loads, broadcasts and FMAs with no index arithmetic.
+                let mut wp = [w.data.as_ptr(); P];
+                for p in 0..P {
+                    wp[p] = w.data.as_ptr().add((p0 + p) * cols * PANEL);
+                }
+                let mut xp = [x; T];
+                for t in 0..T {
+                    xp[t] = x.add((t0 + t) * cols);
+                }
                 let mut acc = [[_mm512_setzero_ps(); P]; T];
-                for c in 0..cols {
+                for _ in 0..cols {
                     let mut wv = [_mm512_setzero_ps(); P];
                     for p in 0..P {
-                        wv[p] = $load(base.add((p * cols + c) * PANEL));
+                        wv[p] = $load(wp[p]);
+                        wp[p] = wp[p].add(PANEL);
                     }
                     for t in 0..T {
-                        let xv = _mm512_set1_ps(*x.add((t0 + t) * cols + c));
+                        let xv = _mm512_set1_ps(*xp[t]);
+                        xp[t] = xp[t].add(1);
                         for p in 0..P {
                             acc[t][p] = _mm512_fmadd_ps(xv, wv[p], acc[t][p]);
                         }
