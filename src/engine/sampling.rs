@@ -133,7 +133,6 @@ fn log_softmax_at(logits: &[f32], i: usize) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Device;
 
     fn logits(v: &[f32]) -> Vec<f32> {
         v.to_vec()

@@ -352,6 +352,7 @@ mod avx512 {
     macro_rules! block {
         ($name:ident, $ty:ty, $tile:ident) => {
             #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
+            #[allow(clippy::too_many_arguments)]
             pub(super) unsafe fn $name(
                 w: &[$ty],
                 rows: usize,
@@ -551,6 +552,7 @@ mod avx2 {
     macro_rules! block {
         ($name:ident, $ty:ty, $tile:ident) => {
             #[target_feature(enable = "avx2,fma,f16c")]
+            #[allow(clippy::too_many_arguments)]
             pub(super) unsafe fn $name(
                 w: &[$ty],
                 rows: usize,

@@ -223,13 +223,13 @@ impl NativeConfig {
     }
 
     fn check(&self) -> Result<(), Unsupported> {
-        if self.heads == 0 || self.kv_heads == 0 || self.heads % self.kv_heads != 0 {
+        if self.heads == 0 || self.kv_heads == 0 || !self.heads.is_multiple_of(self.kv_heads) {
             return Err(Unsupported(format!(
                 "{} attention heads cannot share {} key/value heads",
                 self.heads, self.kv_heads
             )));
         }
-        if self.head_dim == 0 || self.head_dim % 2 != 0 {
+        if self.head_dim == 0 || !self.head_dim.is_multiple_of(2) {
             return Err(Unsupported(format!("head_dim {}", self.head_dim)));
         }
         if self.hidden == 0 || self.layers == 0 || self.ffn == 0 || self.vocab == 0 {

@@ -67,10 +67,6 @@ impl KvCache {
         self.len
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
     /// Forgets everything from position `len` on.
     pub fn truncate(&mut self, len: usize) {
         self.len = self.len.min(len);
@@ -209,7 +205,7 @@ impl Model {
         }
         let norm = src.vector(&name("model.norm.weight", "output_norm.weight"), c.hidden)?;
         let head_name = name("lm_head.weight", "output.weight");
-        let head = if src.has(&head_name) && !(c.tied_embeddings && !gguf) {
+        let head = if src.has(&head_name) && (gguf || !c.tied_embeddings) {
             Some(src.linear(&head_name, c.vocab, c.hidden, None)?.packed())
         } else if c.tied_embeddings || gguf {
             None

@@ -25,12 +25,14 @@ fn weights(dir: &Path) -> Vec<PathBuf> {
 /// Logits for the prompt, then for `decode` greedy steps, from one model.
 fn run(model: &mut dyn CausalLm, decode: usize) -> Vec<Vec<f32>> {
     let mut out = vec![model.forward(PROMPT, 0).unwrap().to_vec()];
-    let mut pos = PROMPT.len();
-    for _ in 0..decode {
-        let last = out.last().unwrap();
-        let next = argmax(last);
-        out.push(model.forward(&[next], pos).unwrap().to_vec());
-        pos += 1;
+    for step in 0..decode {
+        let next = argmax(out.last().unwrap());
+        out.push(
+            model
+                .forward(&[next], PROMPT.len() + step)
+                .unwrap()
+                .to_vec(),
+        );
     }
     out
 }

@@ -306,7 +306,9 @@ impl Source {
                             .map_err(|e| format!("{name}: {e}"))?,
                     ),
                     other => {
-                        match QuantKind::from_ggml(other).filter(|k| cols % k.block_elems() == 0) {
+                        match QuantKind::from_ggml(other)
+                            .filter(|k| cols.is_multiple_of(k.block_elems()))
+                        {
                             Some(kind) => Matrix::Quant(
                                 kind,
                                 q.data().map_err(|e| format!("{name}: {e}"))?.into_owned(),
