@@ -301,9 +301,15 @@ pub struct EngineArgs {
     #[arg(long, env = "LMX_MAX_QUEUE", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub max_queue: u32,
 
-    /// Sequences generated concurrently per model (interleaved token by token).
+    /// Sequences generated concurrently per model (llama family: batched into one forward
+    /// pass per step; other architectures: interleaved token by token).
     #[arg(long, env = "LMX_MAX_CONCURRENT", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub max_concurrent: u32,
+
+    /// Most prompt tokens one batched step processes: longer prompts are processed in chunks
+    /// between the decode steps of the other sequences.
+    #[arg(long, env = "LMX_PREFILL_CHUNK", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=65536))]
+    pub prefill_chunk: u32,
 
     /// Largest `max_tokens` a request may ask for.
     #[arg(long, env = "LMX_MAX_TOKENS", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..))]
@@ -425,6 +431,7 @@ impl EngineArgs {
                 device: self.device.clone(),
                 max_queue: self.max_queue as usize,
                 max_concurrent: self.max_concurrent as usize,
+                prefill_chunk: self.prefill_chunk as usize,
                 limits: Limits {
                     max_tokens_cap: self.max_tokens as usize,
                     default_max_tokens: self.default_max_tokens as usize,

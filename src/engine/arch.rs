@@ -34,6 +34,11 @@ pub trait CausalLm: Send {
     fn forkable(&self) -> bool {
         true
     }
+    /// The shared native model, when this is one: its sequences are batched into one forward
+    /// pass per step instead of each running its own.
+    fn native(&self) -> Option<Arc<native::Model>> {
+        None
+    }
 }
 
 /// Architectures the engine can build from safetensors.

@@ -84,6 +84,9 @@ pub struct LoadOptions {
     pub max_queue: usize,
     /// Sequences generated concurrently per model.
     pub max_concurrent: usize,
+    /// Most prompt tokens one batched step processes (longer prompts go in chunks between the
+    /// other sequences' decode steps).
+    pub prefill_chunk: usize,
     pub limits: Limits,
 }
 
@@ -94,6 +97,7 @@ impl Default for LoadOptions {
             device: "cpu".into(),
             max_queue: 32,
             max_concurrent: 4,
+            prefill_chunk: 256,
             limits: Limits::default(),
         }
     }
@@ -430,6 +434,7 @@ pub fn load(
         runner,
         jobs: jobs_rx,
         max_concurrent: options.max_concurrent,
+        prefill_chunk: options.prefill_chunk,
         counters: counters.clone(),
         guard,
     };

@@ -478,3 +478,137 @@ fn the_engine_thread_ends_and_drops_its_guard_when_the_engine_is_dropped() {
         dropped.load(std::sync::atomic::Ordering::SeqCst)
     });
 }
+
+/// Eight different prompts: the ids each generates alone, then all at once (llama family:
+/// batched into shared forward passes). Greedy output must not depend on the batch.
+fn batch_independence(dir: &Path, prompts: &[&str], max_tokens: i32) {
+    let options = LoadOptions {
+        max_concurrent: 8,
+        ..LoadOptions::default()
+    };
+    let engine = load_tiny(dir, &options);
+    let solo: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| {
+            collect(&*engine, text(p), &greedy(max_tokens))
+                .0
+                .iter()
+                .map(|t| t.id)
+                .collect()
+        })
+        .collect();
+    let streams: Vec<_> = prompts
+        .iter()
+        .map(|p| engine.generate(text(p), &greedy(max_tokens)).unwrap())
+        .collect();
+    for (i, mut rx) in streams.into_iter().enumerate() {
+        let mut ids = Vec::new();
+        loop {
+            match rx.blocking_recv().expect("completion") {
+                StreamEvent::Token(t) => ids.push(t.id),
+                StreamEvent::Done(_) => break,
+                StreamEvent::Failed(e) => panic!("{e}"),
+            }
+        }
+        assert_eq!(
+            ids, solo[i],
+            "prompt {i} {:?} differs in the batch",
+            prompts[i]
+        );
+    }
+}
+
+const EIGHT_PROMPTS: [&str; 8] = [
+    "Hello",
+    "The capital of France is",
+    "a",
+    "Once upon a time, in a land far away, there lived",
+    "1 2 3 4",
+    "<|im_start|>user\nhi<|im_end|>",
+    "zzzz zzzz zzzz",
+    "What is 2+2?",
+];
+
+#[test]
+fn concurrent_greedy_streams_equal_their_solo_runs() {
+    for arch in ["llama", "qwen2", "qwen3", "mistral"] {
+        let dir = tempfile::tempdir().unwrap();
+        tiny::write_model(dir.path(), arch, 17);
+        batch_independence(dir.path(), &EIGHT_PROMPTS, 24);
+    }
+}
+
+#[test]
+fn concurrent_greedy_streams_of_a_quantized_gguf_equal_their_solo_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("model.gguf"), tiny::spm_llama_gguf(9)).unwrap();
+    batch_independence(dir.path(), &EIGHT_PROMPTS, 24);
+}
+
+/// A prompt longer than the prefill chunk is processed in several steps while another stream
+/// decodes; both still equal their solo runs, and the short one is not held up until the
+/// long prompt is done.
+#[test]
+fn a_long_prompt_is_prefilled_in_chunks_between_decode_steps() {
+    let dir = tempfile::tempdir().unwrap();
+    tiny::write_model(dir.path(), "llama", 19);
+    let options = LoadOptions {
+        max_concurrent: 4,
+        prefill_chunk: 16,
+        ..LoadOptions::default()
+    };
+    let engine = load_tiny(dir.path(), &options);
+    let long = "the quick brown fox jumps over the lazy dog ".repeat(8);
+    let solo_long: Vec<u32> = collect(&*engine, text(&long), &greedy(8))
+        .0
+        .iter()
+        .map(|t| t.id)
+        .collect();
+    let solo_short: Vec<u32> = collect(&*engine, text("Hi"), &greedy(40))
+        .0
+        .iter()
+        .map(|t| t.id)
+        .collect();
+    let mut short = engine.generate(text("Hi"), &greedy(40)).unwrap();
+    // The short stream is decoding before the long prompt arrives.
+    let mut short_ids = match short.blocking_recv() {
+        Some(StreamEvent::Token(t)) => vec![t.id],
+        other => panic!("{other:?}"),
+    };
+    let mut long_rx = engine.generate(text(&long), &greedy(8)).unwrap();
+    let mut long_ids = Vec::new();
+    let mut short_tokens_before_long_first = None;
+    loop {
+        match long_rx.try_recv() {
+            Ok(StreamEvent::Token(t)) => {
+                short_tokens_before_long_first.get_or_insert(short_ids.len());
+                long_ids.push(t.id)
+            }
+            Ok(StreamEvent::Done(_)) => break,
+            Ok(StreamEvent::Failed(e)) => panic!("{e}"),
+            Err(mpsc::error::TryRecvError::Empty) => match short.try_recv() {
+                Ok(StreamEvent::Token(t)) => short_ids.push(t.id),
+                Ok(StreamEvent::Done(_)) | Err(_) => std::thread::yield_now(),
+                Ok(StreamEvent::Failed(e)) => panic!("{e}"),
+            },
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+    while let Some(event) = short.blocking_recv() {
+        if let StreamEvent::Token(t) = event {
+            short_ids.push(t.id);
+        }
+    }
+    assert_eq!(long_ids, solo_long);
+    assert_eq!(short_ids, solo_short);
+    let prompt_tokens = engine.tokenize(&long, false).unwrap().len();
+    assert!(
+        prompt_tokens > 3 * 16,
+        "the long prompt needs several chunks: {prompt_tokens}"
+    );
+    // The short stream got tokens while the long prompt was being processed in chunks.
+    assert!(
+        short_tokens_before_long_first.unwrap_or(0) >= prompt_tokens / 16,
+        "short stream tokens before the long prompt's first: {short_tokens_before_long_first:?}"
+    );
+}

@@ -22,6 +22,8 @@ use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit};
 use super::{
     arch::CausalLm,
     embed::{Embedder, Embeddings},
+    kernels,
+    native::{KvCache, Model, Step as NativeStep, Workspace},
     sampling::Sampler,
     text::{StopMatcher, StopOutcome, TextStream},
     validation::ValidParams,
@@ -79,14 +81,29 @@ pub(crate) struct Worker {
     pub runner: Runner,
     pub jobs: mpsc::UnboundedReceiver<Job>,
     pub max_concurrent: usize,
+    /// Most prompt tokens one batched step takes (a longer prompt is processed in chunks
+    /// between decode steps of the other sequences).
+    pub prefill_chunk: usize,
     pub counters: Arc<Counters>,
     /// Dropped when the thread ends (the memory lease of the loaded model).
     pub guard: Box<dyn Send>,
 }
 
+/// What runs a sequence's forward passes.
+enum SeqModel {
+    /// Its own instance (candle-transformers models), one forward pass per turn.
+    Own(Box<dyn CausalLm>),
+    /// A KV cache on the worker's shared native model: batched with the other sequences.
+    Batched(KvCache),
+}
+
 struct Sequence {
-    model: Box<dyn CausalLm>,
+    model: SeqModel,
     tokens: Vec<u32>,
+    /// Tokens already in the KV cache.
+    fed: usize,
+    /// Logits copied out of an own model (unused by batched sequences).
+    logits_buf: Vec<f32>,
     prompt_len: usize,
     generated: usize,
     max_tokens: usize,
@@ -111,6 +128,16 @@ enum Step {
 impl Worker {
     /// Runs until the job channel closes and every sequence has ended.
     pub fn run(mut self) {
+        let batched = match &self.runner {
+            Runner::Generator {
+                base: Some(base), ..
+            } => base.native(),
+            _ => None,
+        };
+        let mut batch = batched.map(|model| Batch {
+            model,
+            ws: Workspace::default(),
+        });
         let mut active: Vec<Sequence> = Vec::new();
         let mut open = true;
         loop {
@@ -130,7 +157,10 @@ impl Worker {
                     Err(mpsc::error::TryRecvError::Disconnected) => open = false,
                 }
             }
-            self.turn(&mut active);
+            match &mut batch {
+                Some(batch) => self.batched_turn(batch, &mut active),
+                None => self.turn(&mut active),
+            }
             self.counters.active.store(active.len(), Ordering::Relaxed);
         }
         self.counters.active.store(0, Ordering::Relaxed);
@@ -165,12 +195,19 @@ impl Worker {
                     return;
                 }
                 let max_len = job.prompt.len() + job.params.max_tokens;
-                let forked = match base.as_ref() {
-                    Some(b) if b.forkable() => b.fork(max_len),
-                    // Cannot fork: lend the base model to this one sequence.
-                    _ => base.take(),
+                let model = match base.as_ref() {
+                    Some(b) => match b.native() {
+                        Some(native) => Some(SeqModel::Batched(KvCache::new(
+                            &native.config,
+                            max_len.min(native.config.context_length.max(1)),
+                        ))),
+                        None if b.forkable() => b.fork(max_len).map(SeqModel::Own),
+                        // Cannot fork: lend the base model to this one sequence.
+                        None => base.take().map(SeqModel::Own),
+                    },
+                    None => None,
                 };
-                let Some(model) = forked else {
+                let Some(model) = model else {
                     let _ = job.events.send(StreamEvent::Failed(
                         "the model could not start a sequence".into(),
                     ));
@@ -180,6 +217,8 @@ impl Worker {
                 active.push(Sequence {
                     model,
                     tokens: job.prompt,
+                    fed: 0,
+                    logits_buf: Vec::new(),
                     prompt_len,
                     generated: 0,
                     max_tokens: job.params.max_tokens,
@@ -241,11 +280,11 @@ impl Worker {
                     self.counters
                         .tokens_generated
                         .fetch_add(active[i].generated as u64, Ordering::Relaxed);
-                    let mut seq = active.swap_remove(i);
-                    if base.is_none() {
+                    let seq = active.swap_remove(i);
+                    if let (None, SeqModel::Own(mut model)) = (base.as_ref(), seq.model) {
                         // Give the lent model back, with an empty cache.
-                        seq.model.reset();
-                        *base = Some(seq.model);
+                        model.reset();
+                        *base = Some(model);
                     }
                 }
             }
@@ -253,23 +292,148 @@ impl Worker {
     }
 }
 
+/// The shared native model of a batched worker and its buffers.
+struct Batch {
+    model: Arc<Model>,
+    ws: Workspace,
+}
+
+impl Worker {
+    /// One forward pass over every active sequence: a decode token for each sequence past its
+    /// prompt, and prompt chunks (at most `prefill_chunk` tokens in all) for the others; then
+    /// a token is sampled for every sequence whose prompt is now fully in its cache.
+    fn batched_turn(&mut self, batch: &mut Batch, active: &mut Vec<Sequence>) {
+        let Runner::Generator {
+            tokenizer,
+            eos_ids,
+            special_ids,
+            ..
+        } = &mut self.runner
+        else {
+            return;
+        };
+        // Clients that left end before any work is spent on them.
+        let mut i = 0;
+        while i < active.len() {
+            if active[i].events.is_closed() {
+                let seq = active.swap_remove(i);
+                self.counters.cancelled.fetch_add(1, Ordering::Relaxed);
+                self.counters
+                    .tokens_generated
+                    .fetch_add(seq.generated as u64, Ordering::Relaxed);
+                tracing::debug!(parent: &seq.span, generated = seq.generated, "client left; generation stopped");
+            } else {
+                i += 1;
+            }
+        }
+        if active.is_empty() {
+            return;
+        }
+        // How many new tokens each sequence feeds this step.
+        let mut feed = vec![0usize; active.len()];
+        let mut prompt_budget = self.prefill_chunk.max(1);
+        for (f, seq) in feed.iter_mut().zip(active.iter()) {
+            let pending = seq.tokens.len() - seq.fed;
+            if seq.fed >= seq.prompt_len {
+                *f = pending;
+            } else if prompt_budget > 0 {
+                *f = pending.min(prompt_budget);
+                prompt_budget -= *f;
+            }
+        }
+        let mut steps: Vec<NativeStep<'_>> = Vec::with_capacity(active.len());
+        let mut rows: Vec<usize> = Vec::with_capacity(active.len());
+        for (i, (seq, &n)) in active.iter_mut().zip(&feed).enumerate() {
+            if n == 0 {
+                continue;
+            }
+            let SeqModel::Batched(cache) = &mut seq.model else {
+                continue;
+            };
+            steps.push(NativeStep {
+                tokens: &seq.tokens[seq.fed..seq.fed + n],
+                cache,
+            });
+            rows.push(i);
+        }
+        let Batch { model, ws } = batch;
+        let result = kernels::in_pool(|| model.forward(&mut steps, ws));
+        drop(steps);
+        let vocab = model.config.vocab;
+        let mut ended = vec![false; active.len()];
+        for (row, &i) in rows.iter().enumerate() {
+            let seq = &mut active[i];
+            let _enter = seq.span.clone().entered();
+            let outcome = match &result {
+                Err(message) => Err(format!("forward pass: {message}")),
+                Ok(()) => {
+                    seq.fed += feed[i];
+                    if seq.fed < seq.tokens.len() {
+                        // Still in its prompt: no token yet.
+                        Ok(Step::Continue)
+                    } else {
+                        let logits = &ws.logits[row * vocab..(row + 1) * vocab];
+                        seq.accept(logits, tokenizer, eos_ids, special_ids)
+                    }
+                }
+            };
+            match outcome {
+                Ok(Step::Continue) => {}
+                Ok(Step::Done) => ended[i] = true,
+                Err(message) => {
+                    tracing::error!(error = %message, "generation failed");
+                    let _ = seq.events.send(StreamEvent::Failed(message));
+                    seq.ended = true;
+                    ended[i] = true;
+                }
+            }
+        }
+        for i in (0..active.len()).rev() {
+            if ended[i] {
+                let seq = active.swap_remove(i);
+                if !seq.ended {
+                    self.counters.cancelled.fetch_add(1, Ordering::Relaxed);
+                }
+                self.counters
+                    .tokens_generated
+                    .fetch_add(seq.generated as u64, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
 impl Sequence {
+    /// One forward pass on the sequence's own model, then the next token.
     fn step(
         &mut self,
         tokenizer: &Tokenizer,
         eos_ids: &BTreeSet<u32>,
         special_ids: &HashSet<u32>,
     ) -> Result<Step, String> {
-        let (input, pos) = if self.generated == 0 {
-            (&self.tokens[..], 0)
-        } else {
-            let last = self.tokens.len() - 1;
-            (&self.tokens[last..], last)
+        let SeqModel::Own(model) = &mut self.model else {
+            return Err("a batched sequence was run on its own".into());
         };
-        let logits = self
-            .model
-            .forward(input, pos)
+        let logits = model
+            .forward(&self.tokens[self.fed..], self.fed)
             .map_err(|e| format!("forward pass: {e}"))?;
+        // `accept` needs `self` mutably: copy the logits out of the model's buffer.
+        let mut buf = std::mem::take(&mut self.logits_buf);
+        buf.clear();
+        buf.extend_from_slice(logits);
+        self.fed = self.tokens.len();
+        let step = self.accept(&buf, tokenizer, eos_ids, special_ids);
+        self.logits_buf = buf;
+        step
+    }
+
+    /// Samples the next token from `logits` (those of the last fed token) and emits it.
+    fn accept(
+        &mut self,
+        logits: &[f32],
+        tokenizer: &Tokenizer,
+        eos_ids: &BTreeSet<u32>,
+        special_ids: &HashSet<u32>,
+    ) -> Result<Step, String> {
         let (token, logprob) = self
             .sampler
             .sample(logits, &self.tokens)

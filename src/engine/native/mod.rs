@@ -126,6 +126,10 @@ impl CausalLm for NativeLm {
     fn reset(&mut self) {
         self.cache.truncate(0);
     }
+
+    fn native(&self) -> Option<Arc<Model>> {
+        Some(self.model.clone())
+    }
 }
 
 #[cfg(test)]
