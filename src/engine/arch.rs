@@ -331,12 +331,8 @@ pub(crate) fn load_candle_safetensors(
     })
 }
 
-/// Builds a quantized causal LM from a GGUF file whose header is `content`.
-pub fn load_gguf(
-    path: &Path,
-    content: gguf_file::Content,
-    device: &Device,
-) -> Result<LoadedLm, EngineError> {
+/// `general.architecture` and its context length (2048 when the file does not say).
+fn gguf_architecture(content: &gguf_file::Content) -> (String, usize) {
     let architecture = content
         .metadata
         .get("general.architecture")
@@ -346,9 +342,19 @@ pub fn load_gguf(
     let context_length = content
         .metadata
         .get(&format!("{architecture}.context_length"))
-        .and_then(|v| v.to_u64().ok())
+        .and_then(|v| v.to_u64().ok().or_else(|| v.to_u32().ok().map(u64::from)))
         .map(|n| n as usize)
         .unwrap_or(2048);
+    (architecture, context_length)
+}
+
+/// Builds a quantized causal LM from a GGUF file whose header is `content`.
+pub fn load_gguf(
+    path: &Path,
+    content: gguf_file::Content,
+    device: &Device,
+) -> Result<LoadedLm, EngineError> {
+    let (architecture, context_length) = gguf_architecture(&content);
     if device.is_cpu() && native::enabled() && NativeConfig::from_gguf(&content).is_ok() {
         if let Some(model) = native::load_gguf(path, content)? {
             return Ok(LoadedLm {
@@ -368,18 +374,7 @@ pub(crate) fn load_candle_gguf(
     content: gguf_file::Content,
     device: &Device,
 ) -> Result<LoadedLm, EngineError> {
-    let architecture = content
-        .metadata
-        .get("general.architecture")
-        .and_then(|v| v.to_string().ok())
-        .cloned()
-        .unwrap_or_default();
-    let context_length = content
-        .metadata
-        .get(&format!("{architecture}.context_length"))
-        .and_then(|v| v.to_u64().ok())
-        .map(|n| n as usize)
-        .unwrap_or(2048);
+    let (architecture, context_length) = gguf_architecture(&content);
     let mut file = std::fs::File::open(path)
         .map_err(|e| EngineError::Load(format!("opening {}: {e}", path.display())))?;
     let model: Box<dyn CausalLm> = match architecture.as_str() {

@@ -67,6 +67,19 @@ pub struct Counters {
 /// What the thread owns. One per engine thread, never moved around: the size difference between
 /// the variants does not matter.
 #[allow(clippy::large_enum_variant)]
+impl Counters {
+    /// Counts a sequence that leaves the engine: its tokens, and whether its client left
+    /// before it ended.
+    fn retire(&self, seq: &Sequence) {
+        if !seq.ended {
+            self.cancelled.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(parent: &seq.span, generated = seq.generated, "client left; generation stopped");
+        }
+        self.tokens_generated
+            .fetch_add(seq.generated as u64, Ordering::Relaxed);
+    }
+}
+
 pub(crate) enum Runner {
     Generator {
         base: Option<Box<dyn CausalLm>>,
@@ -273,14 +286,8 @@ impl Worker {
             match outcome {
                 Step::Continue => i += 1,
                 Step::Done => {
-                    if !active[i].ended {
-                        self.counters.cancelled.fetch_add(1, Ordering::Relaxed);
-                        tracing::debug!(parent: &active[i].span, generated = active[i].generated, "client left; generation stopped");
-                    }
-                    self.counters
-                        .tokens_generated
-                        .fetch_add(active[i].generated as u64, Ordering::Relaxed);
                     let seq = active.swap_remove(i);
+                    self.counters.retire(&seq);
                     if let (None, SeqModel::Own(mut model)) = (base.as_ref(), seq.model) {
                         // Give the lent model back, with an empty cache.
                         model.reset();
@@ -316,12 +323,7 @@ impl Worker {
         let mut i = 0;
         while i < active.len() {
             if active[i].events.is_closed() {
-                let seq = active.swap_remove(i);
-                self.counters.cancelled.fetch_add(1, Ordering::Relaxed);
-                self.counters
-                    .tokens_generated
-                    .fetch_add(seq.generated as u64, Ordering::Relaxed);
-                tracing::debug!(parent: &seq.span, generated = seq.generated, "client left; generation stopped");
+                self.counters.retire(&active.swap_remove(i));
             } else {
                 i += 1;
             }
@@ -390,13 +392,7 @@ impl Worker {
         }
         for i in (0..active.len()).rev() {
             if ended[i] {
-                let seq = active.swap_remove(i);
-                if !seq.ended {
-                    self.counters.cancelled.fetch_add(1, Ordering::Relaxed);
-                }
-                self.counters
-                    .tokens_generated
-                    .fetch_add(seq.generated as u64, Ordering::Relaxed);
+                self.counters.retire(&active.swap_remove(i));
             }
         }
     }

@@ -170,6 +170,21 @@ where
     });
 }
 
+/// Deterministic pseudo-random values in `[-amplitude, amplitude)` (xorshift64), for the
+/// kernels' tests.
+#[cfg(test)]
+pub(crate) fn test_values(len: usize, seed: u64, amplitude: f32) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * amplitude
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

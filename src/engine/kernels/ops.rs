@@ -164,15 +164,7 @@ mod tests {
     use candle_core::{Device, Tensor, D};
 
     fn random(len: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..len)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                ((s >> 40) as f32 / (1u64 << 24) as f32) * 8.0 - 4.0
-            })
-            .collect()
+        crate::engine::kernels::test_values(len, seed, 4.0)
     }
 
     fn t(v: &[f32]) -> Tensor {
