@@ -64,9 +64,6 @@ pub struct Counters {
     pub cancelled: AtomicU64,
 }
 
-/// What the thread owns. One per engine thread, never moved around: the size difference between
-/// the variants does not matter.
-#[allow(clippy::large_enum_variant)]
 impl Counters {
     /// Counts a sequence that leaves the engine: its tokens, and whether its client left
     /// before it ended.
@@ -80,6 +77,9 @@ impl Counters {
     }
 }
 
+/// What the thread owns. One per engine thread, never moved around: the size difference between
+/// the variants does not matter.
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum Runner {
     Generator {
         base: Option<Box<dyn CausalLm>>,
