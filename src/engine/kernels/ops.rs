@@ -29,19 +29,22 @@ fn exp(x: f32) -> f32 {
     p * scale
 }
 
+/// Calls `$body` through a `#[target_feature]` function of the detected flavour that takes
+/// the arguments directly (a closure passed into such a function does not inherit its
+/// features and stays on baseline SSE).
 macro_rules! dispatch {
-    ($body:ident ( $($arg:expr),* )) => {{
+    ($body:ident ( $($arg:ident : $ty:ty),* )) => {{
         #[cfg(target_arch = "x86_64")]
         {
             #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")]
-            unsafe fn wide512(f: impl FnOnce()) { f() }
+            unsafe fn wide512($($arg: $ty),*) { $body($($arg),*) }
             #[target_feature(enable = "avx2,fma")]
-            unsafe fn wide256(f: impl FnOnce()) { f() }
+            unsafe fn wide256($($arg: $ty),*) { $body($($arg),*) }
             match Isa::detect() {
                 // SAFETY: the CPU has these features (Isa::detect).
-                Isa::Avx512 => unsafe { wide512(|| $body($($arg),*)) },
+                Isa::Avx512 => unsafe { wide512($($arg),*) },
                 // SAFETY: as above.
-                Isa::Avx2 => unsafe { wide256(|| $body($($arg),*)) },
+                Isa::Avx2 => unsafe { wide256($($arg),*) },
                 Isa::Scalar => $body($($arg),*),
             }
         }
@@ -74,7 +77,7 @@ fn rms_norm_body(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
 /// `out = x / sqrt(mean(x²) + eps) · weight` (RMSNorm of llama and its family).
 pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
     debug_assert!(x.len() == weight.len() && x.len() == out.len());
-    dispatch!(rms_norm_body(x, weight, eps, out))
+    dispatch!(rms_norm_body(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]))
 }
 
 #[inline(always)]
@@ -89,7 +92,7 @@ fn rms_norm_in_place_body(x: &mut [f32], weight: &[f32], eps: f32) {
 /// RMSNorm in place (Qwen3's per-head q/k norms).
 pub fn rms_norm_in_place(x: &mut [f32], weight: &[f32], eps: f32) {
     debug_assert_eq!(x.len(), weight.len());
-    dispatch!(rms_norm_in_place_body(x, weight, eps))
+    dispatch!(rms_norm_in_place_body(x: &mut [f32], weight: &[f32], eps: f32))
 }
 
 #[inline(always)]
@@ -108,7 +111,7 @@ fn softmax_body(x: &mut [f32]) {
 
 /// Softmax in place over a non-empty row.
 pub fn softmax(x: &mut [f32]) {
-    dispatch!(softmax_body(x))
+    dispatch!(softmax_body(x: &mut [f32]))
 }
 
 #[inline(always)]
@@ -121,7 +124,7 @@ fn swiglu_body(gate: &[f32], up: &[f32], out: &mut [f32]) {
 /// `out = silu(gate) · up` (the SwiGLU feed-forward's activation).
 pub fn swiglu(gate: &[f32], up: &[f32], out: &mut [f32]) {
     debug_assert!(gate.len() == up.len() && gate.len() == out.len());
-    dispatch!(swiglu_body(gate, up, out))
+    dispatch!(swiglu_body(gate: &[f32], up: &[f32], out: &mut [f32]))
 }
 
 /// How a model pairs the dimensions it rotates.
