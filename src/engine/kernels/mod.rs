@@ -185,6 +185,21 @@ pub(crate) fn test_values(len: usize, seed: u64, amplitude: f32) -> Vec<f32> {
         .collect()
 }
 
+/// candle's `x · Wᵀ` for `n` rows of `x` and a row-major `rows × cols` W: the reference the
+/// dense kernels are tested against.
+#[cfg(test)]
+pub(crate) fn candle_product(w: &[f32], rows: usize, cols: usize, x: &[f32], n: usize) -> Vec<f32> {
+    use candle_core::{Device, Tensor};
+    let w = Tensor::from_slice(w, (rows, cols), &Device::Cpu).unwrap();
+    let x = Tensor::from_slice(&x[..n * cols], (n, cols), &Device::Cpu).unwrap();
+    x.matmul(&w.t().unwrap())
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

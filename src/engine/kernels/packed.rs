@@ -394,22 +394,12 @@ mod avx2 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, Tensor};
 
     fn random(len: usize, seed: u64) -> Vec<f32> {
         crate::engine::kernels::test_values(len, seed, 1.0)
     }
 
-    fn reference(w: &[f32], rows: usize, cols: usize, x: &[f32], n: usize) -> Vec<f32> {
-        let w = Tensor::from_slice(w, (rows, cols), &Device::Cpu).unwrap();
-        let x = Tensor::from_slice(&x[..n * cols], (n, cols), &Device::Cpu).unwrap();
-        x.matmul(&w.t().unwrap())
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap()
-    }
+    use crate::engine::kernels::candle_product as reference;
 
     /// Every flavour and type against candle's f32 matmul of the same (widened) values:
     /// |error| ≤ 1e-5 · cols (summation order only).
