@@ -7,8 +7,9 @@
 #                    torch and transformers (pins below; first run: ~10 min of compiling and
 #                    ~3 GB of wheels, torch from PyPI brings CUDA libraries it does not use here)
 # then runs `cargo bench --bench speed`, which prints the machine, the figures of every engine and
-# a markdown table. Extra arguments go to the bench binary. Environment:
+# a markdown table. Environment:
 #   LMX_BENCH_RUNS (3), LMX_BENCH_NEW_TOKENS (128): measured runs per engine, tokens per run.
+#   LMX_BENCH_RETRIES (1): measure an engine again when other processes took >10% of the CPU.
 #   LMX_BENCH_SKIP_VENV=1: use an existing LMX_BENCH_PYTHON instead of preparing .venv-bench.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -55,4 +56,4 @@ if [ "${LMX_BENCH_SKIP_VENV:-}" != 1 ]; then
   export LMX_BENCH_PYTHON=$PWD/.venv-bench/bin/python
 fi
 
-exec cargo bench --bench speed -- "$@"
+exec cargo bench --bench speed

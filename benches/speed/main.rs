@@ -14,11 +14,11 @@
 //! greedily; figures are medians of LMX_BENCH_RUNS (3) runs after one warm-up:
 //! TTFT, prompt tok/s = prompt tokens / TTFT, decode tok/s = (tokens - 1) / (t_last - t_first).
 //! Environment: LMX_BENCH_PYTHON (a Python with the peers; unset: only lmx runs),
-//! LMX_BENCH_RUNS, LMX_BENCH_NEW_TOKENS, LMX_BENCH_IDLE_SECS (5), LMX_BENCH_RETRIES (2),
+//! LMX_BENCH_RUNS, LMX_BENCH_NEW_TOKENS, LMX_BENCH_IDLE_SECS (5), LMX_BENCH_RETRIES (1),
 //! LMX_TEST_MODELS.
 //!
 //! Every row also says how much of the machine other processes used while it ran; an engine
-//! measured while they took more than 10% is measured again (twice at most) and the least
+//! measured while they took more than 10% is measured again (once by default) and the least
 //! disturbed attempt kept: figures taken next to a build are low, and the report says so
 //! instead of printing them as if clean.
 //!
@@ -48,7 +48,7 @@ use server::Server;
 
 const PROMPT_TOKENS: usize = 128;
 /// Share of the machine other processes may take while an engine runs before it is measured
-/// again (LMX_BENCH_RETRIES times at most, 2 by default).
+/// again (LMX_BENCH_RETRIES times at most, 1 by default, and only in the first 6 minutes).
 const OTHER_LOAD_LIMIT: f64 = 0.10;
 
 struct Settings {
@@ -90,8 +90,8 @@ fn main() {
         retries: std::env::var("LMX_BENCH_RETRIES")
             .ok()
             .and_then(|v| v.parse().ok())
-            .unwrap_or(2),
-        retry_until: Instant::now() + Duration::from_secs(8 * 60),
+            .unwrap_or(1),
+        retry_until: Instant::now() + Duration::from_secs(6 * 60),
     };
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let models = std::env::var_os("LMX_TEST_MODELS")
