@@ -206,49 +206,6 @@ unsafe fn scalar_block<E>(
     }
 }
 
-/// Dot product of two f32 slices of equal length, with the detected flavour (attention).
-pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    debug_assert_eq!(a.len(), b.len());
-    let len = a.len().min(b.len());
-    #[cfg(target_arch = "x86_64")]
-    match Isa::detect() {
-        // SAFETY: the CPU has the flavour's features (Isa::detect); both slices hold `len`.
-        Isa::Avx512 => return unsafe { avx512::dot(a.as_ptr(), b.as_ptr(), len) },
-        // SAFETY: as above.
-        Isa::Avx2 => return unsafe { avx2::dot(a.as_ptr(), b.as_ptr(), len) },
-        Isa::Scalar => {}
-    }
-    let mut acc = [0f32; 8];
-    let mut ca = a[..len].chunks_exact(8);
-    let mut cb = b[..len].chunks_exact(8);
-    for (x, y) in (&mut ca).zip(&mut cb) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    let mut sum: f32 = acc.iter().sum();
-    for (x, y) in ca.remainder().iter().zip(cb.remainder()) {
-        sum += x * y;
-    }
-    sum
-}
-
-/// `y += a · x` over equal-length slices (attention's weighted sum of values).
-pub fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
-    debug_assert_eq!(x.len(), y.len());
-    #[cfg(target_arch = "x86_64")]
-    match Isa::detect() {
-        // SAFETY: the CPU has the flavour's features; both slices hold min(len) elements.
-        Isa::Avx512 => {
-            return unsafe { avx512::axpy(a, x.as_ptr(), y.as_mut_ptr(), x.len().min(y.len())) }
-        }
-        Isa::Avx2 | Isa::Scalar => {}
-    }
-    for (o, v) in y.iter_mut().zip(x) {
-        *o += a * v;
-    }
-}
-
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     //! 16-lane flavour. Tails shorter than 16 use masked loads.
@@ -411,49 +368,6 @@ mod avx512 {
     block!(block_f32, f32, tile_f32);
     block!(block_f16, f16, tile_f16);
     block!(block_bf16, bf16, tile_bf16);
-
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")]
-    pub(super) unsafe fn dot(a: *const f32, b: *const f32, len: usize) -> f32 {
-        let mut acc = [_mm512_setzero_ps(); 2];
-        let mut c = 0;
-        while c + 32 <= len {
-            acc[0] = _mm512_fmadd_ps(_mm512_loadu_ps(a.add(c)), _mm512_loadu_ps(b.add(c)), acc[0]);
-            acc[1] = _mm512_fmadd_ps(
-                _mm512_loadu_ps(a.add(c + 16)),
-                _mm512_loadu_ps(b.add(c + 16)),
-                acc[1],
-            );
-            c += 32;
-        }
-        while c < len {
-            let k = (len - c).min(16);
-            let m = ((1u32 << k) - 1) as u16;
-            acc[0] = _mm512_fmadd_ps(
-                _mm512_maskz_loadu_ps(m, a.add(c)),
-                _mm512_maskz_loadu_ps(m, b.add(c)),
-                acc[0],
-            );
-            c += k;
-        }
-        _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1]))
-    }
-
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")]
-    pub(super) unsafe fn axpy(a: f32, x: *const f32, y: *mut f32, len: usize) {
-        let av = _mm512_set1_ps(a);
-        let mut c = 0;
-        while c < len {
-            let k = (len - c).min(16);
-            let m = ((1u32 << k) - 1) as u16;
-            let v = _mm512_fmadd_ps(
-                av,
-                _mm512_maskz_loadu_ps(m, x.add(c)),
-                _mm512_maskz_loadu_ps(m, y.add(c)),
-            );
-            _mm512_mask_storeu_ps(y.add(c), m, v);
-            c += k;
-        }
-    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -603,22 +517,6 @@ mod avx2 {
     block!(block_f32, f32, tile_f32);
     block!(block_f16, f16, tile_f16);
     block!(block_bf16, bf16, tile_bf16);
-
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn dot(a: *const f32, b: *const f32, len: usize) -> f32 {
-        let mut acc = _mm256_setzero_ps();
-        let mut c = 0;
-        while c + 8 <= len {
-            acc = _mm256_fmadd_ps(_mm256_loadu_ps(a.add(c)), _mm256_loadu_ps(b.add(c)), acc);
-            c += 8;
-        }
-        let mut s = hsum(acc);
-        while c < len {
-            s += *a.add(c) * *b.add(c);
-            c += 1;
-        }
-        s
-    }
 }
 
 #[cfg(test)]
@@ -687,21 +585,6 @@ mod tests {
         matmul(DenseWeights::F32(&w), rows, cols, &x, n, &mut y);
         for (a, b) in y.iter().zip(&expected) {
             assert!((a - b).abs() <= 1e-5 * cols as f32, "{a} vs {b}");
-        }
-    }
-
-    #[test]
-    fn dot_and_axpy_match_plain_loops() {
-        for len in [0, 1, 15, 16, 17, 64, 100] {
-            let a = random(len, 5);
-            let b = random(len, 6);
-            let expected: f32 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
-            assert!((dot(&a, &b) - expected).abs() < 1e-5 * (len as f32 + 1.0));
-            let mut y = b.clone();
-            axpy(0.5, &a, &mut y);
-            for i in 0..len {
-                assert!((y[i] - (b[i] + 0.5 * a[i])).abs() < 1e-6);
-            }
         }
     }
 }
