@@ -52,8 +52,11 @@ pub const SAFETENSORS_ARCHITECTURES: &[&str] = &[
     "gemma3",
     "gemma3_text",
 ];
-/// Architectures the engine can build from GGUF.
+/// Architectures the engine can build from GGUF (qwen3 on the CPU only: candle-transformers,
+/// which runs GPU models, has no quantized qwen3 here).
 pub const GGUF_ARCHITECTURES: &[&str] = &["llama", "qwen2", "qwen3", "gemma3"];
+/// Those of them candle-transformers builds.
+const CANDLE_GGUF_ARCHITECTURES: &[&str] = &["llama", "qwen2", "gemma3"];
 
 /// The logits of the last position as a 1-D f32 tensor, whatever shape the model returns.
 fn last_logits(logits: Tensor) -> candle_core::Result<Tensor> {
@@ -355,15 +358,20 @@ pub fn load_gguf(
     device: &Device,
 ) -> Result<LoadedLm, EngineError> {
     let (architecture, context_length) = gguf_architecture(&content);
-    if device.is_cpu() && native::enabled() && NativeConfig::from_gguf(&content).is_ok() {
-        if let Some(model) = native::load_gguf(path, content)? {
-            return Ok(LoadedLm {
-                model: Box::new(native::NativeLm::base(model)),
-                architecture,
-                context_length,
-            });
+    if device.is_cpu() && native::enabled() {
+        match NativeConfig::from_gguf(&content) {
+            Ok(config) => {
+                let model = native::load_gguf(config, path, content)?;
+                return Ok(LoadedLm {
+                    model: Box::new(native::NativeLm::base(model)),
+                    architecture,
+                    context_length,
+                });
+            }
+            Err(why) => {
+                tracing::info!(reason = %why.0, "native forward pass not used; candle-transformers runs this model")
+            }
         }
-        return Err(EngineError::Load("the GGUF model could not be read".into()));
     }
     load_candle_gguf(path, content, device)
 }
@@ -400,7 +408,12 @@ pub(crate) fn load_candle_gguf(
         other => {
             return Err(EngineError::UnsupportedArchitecture {
                 model_type: other.to_owned(),
-                supported: GGUF_ARCHITECTURES.join(", "),
+                supported: if device.is_cpu() {
+                    GGUF_ARCHITECTURES
+                } else {
+                    CANDLE_GGUF_ARCHITECTURES
+                }
+                .join(", "),
             })
         }
     };

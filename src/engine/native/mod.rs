@@ -53,20 +53,16 @@ pub fn load_safetensors(
         .map_err(EngineError::Load)
 }
 
-/// The model in the GGUF file at `path`, or None when its architecture is not one this path runs.
-pub fn load_gguf(path: &Path, content: gguf_file::Content) -> Result<Option<Model>, EngineError> {
-    let cfg = match NativeConfig::from_gguf(&content) {
-        Ok(cfg) => cfg,
-        Err(why) => {
-            tracing::info!(reason = %why.0, "native forward pass not used; candle-transformers runs this model");
-            return Ok(None);
-        }
-    };
+/// The model in the GGUF file at `path`, whose header `content` gave `config`
+/// ([`NativeConfig::from_gguf`]).
+pub fn load_gguf(
+    config: NativeConfig,
+    path: &Path,
+    content: gguf_file::Content,
+) -> Result<Model, EngineError> {
     let file = File::open(path)
         .map_err(|e| EngineError::Load(format!("opening {}: {e}", path.display())))?;
-    Model::load(cfg, Source::gguf(content, file))
-        .map(Some)
-        .map_err(EngineError::Load)
+    Model::load(config, Source::gguf(content, file)).map_err(EngineError::Load)
 }
 
 /// One sequence on a shared [`Model`]: its KV cache and its buffers.

@@ -132,9 +132,8 @@ fn a_q8_0_gguf_llama_matches_candles_quantized_llama() {
     let path = dir.path().join("tiny.gguf");
     std::fs::write(&path, tiny::spm_llama_gguf(5)).unwrap();
     let content = || gguf_file::Content::read(&mut std::fs::File::open(&path).unwrap()).unwrap();
-    let native = load_gguf(&path, content())
-        .unwrap()
-        .expect("native GGUF llama");
+    let config = NativeConfig::from_gguf(&content()).expect("native GGUF llama");
+    let native = load_gguf(config, &path, content()).unwrap();
     assert_eq!(
         native.config.rope_style,
         crate::engine::kernels::ops::RopeStyle::Interleaved
