@@ -306,6 +306,11 @@ pub const INST_TEMPLATE: &str = "{{ bos_token }}{% for message in messages %}{% 
 /// A tiny random quantized (Q8_0) llama GGUF with the SentencePiece tokenizer of
 /// [`spm_tokenizer_metadata`] and [`INST_TEMPLATE`], and no tokenizer.json needed.
 pub fn spm_llama_gguf(seed: u64) -> Vec<u8> {
+    spm_llama_gguf_with(seed, candle_core::quantized::GgmlDType::Q8_0)
+}
+
+/// [`spm_llama_gguf`] with its matrices stored as `matrices` (Q8_0, F16, Q4_1, …).
+pub fn spm_llama_gguf_with(seed: u64, matrices: candle_core::quantized::GgmlDType) -> Vec<u8> {
     use candle_core::quantized::{GgmlDType, QTensor};
     use gguf_file::Value as V;
     let mut metadata = spm_tokenizer_metadata("llama");
@@ -371,11 +376,7 @@ pub fn spm_llama_gguf(seed: u64) -> Vec<u8> {
                 .collect();
             let t = Tensor::from_vec(values, shape, &Device::Cpu).expect("tiny tensor");
             // Norms stay f32, as llama.cpp keeps 1-D tensors.
-            let dtype = if norm {
-                GgmlDType::F32
-            } else {
-                GgmlDType::Q8_0
-            };
+            let dtype = if norm { GgmlDType::F32 } else { matrices };
             (
                 name,
                 QTensor::quantize(&t, dtype).expect("quantize tiny tensor"),

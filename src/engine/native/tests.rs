@@ -125,27 +125,35 @@ fn a_sliding_window_shorter_than_the_prompt_masks_the_earliest_positions() {
     assert!(worst(&run(native.as_mut(), 0), &run(unwindowed.as_mut(), 0)) > 1e-3);
 }
 
-/// Both quantize the activations to Q8_0 blocks for the Q8_0 weights: tolerance 2e-3 relative.
+/// Q8_0: both quantize the activations to Q8_0 blocks (tolerance 2e-3 relative). F16: lmx keeps
+/// the f16 weights and widens them in registers; candle widens them once (same tolerance).
 #[test]
-fn a_q8_0_gguf_llama_matches_candles_quantized_llama() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("tiny.gguf");
-    std::fs::write(&path, tiny::spm_llama_gguf(5)).unwrap();
-    let content = || gguf_file::Content::read(&mut std::fs::File::open(&path).unwrap()).unwrap();
-    let config = NativeConfig::from_gguf(&content()).expect("native GGUF llama");
-    let native = load_gguf(config, &path, content()).unwrap();
-    assert_eq!(
-        native.config.rope_style,
-        crate::engine::kernels::ops::RopeStyle::Interleaved
-    );
-    let mut native = NativeLm::base(native).fork(64).unwrap();
-    let mut candle = arch::load_candle_gguf(&path, content(), &Device::Cpu)
-        .unwrap()
-        .model
-        .fork(64)
-        .unwrap();
-    let err = worst(&run(native.as_mut(), 6), &run(candle.as_mut(), 6));
-    assert!(err < 2e-3, "worst relative logit difference {err}");
+fn gguf_llamas_match_candles_quantized_llama() {
+    use candle_core::quantized::GgmlDType;
+    for dtype in [GgmlDType::Q8_0, GgmlDType::F16] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tiny.gguf");
+        std::fs::write(&path, tiny::spm_llama_gguf_with(5, dtype)).unwrap();
+        let content =
+            || gguf_file::Content::read(&mut std::fs::File::open(&path).unwrap()).unwrap();
+        let config = NativeConfig::from_gguf(&content()).expect("native GGUF llama");
+        assert_eq!(
+            config.rope_style,
+            crate::engine::kernels::ops::RopeStyle::Interleaved
+        );
+        let native = load_gguf(config, &path, content()).unwrap();
+        let mut native = NativeLm::base(native).fork(64).unwrap();
+        let mut candle = arch::load_candle_gguf(&path, content(), &Device::Cpu)
+            .unwrap()
+            .model
+            .fork(64)
+            .unwrap();
+        let err = worst(&run(native.as_mut(), 6), &run(candle.as_mut(), 6));
+        assert!(
+            err < 2e-3,
+            "{dtype:?}: worst relative logit difference {err}"
+        );
+    }
 }
 
 fn tiny_model(arch: &str) -> (tempfile::TempDir, Model) {

@@ -298,30 +298,34 @@ impl Source {
                     .map_err(|e| format!("{name}: {e}"))?;
                 check_shape(name, q.shape().dims(), rows, cols)?;
                 use candle_core::quantized::GgmlDType;
+                let bytes = || q.data().map_err(|e| format!("{name}: {e}"));
+                let widened = || {
+                    q.dequantize(&Device::Cpu)
+                        .and_then(|t| t.flatten_all())
+                        .and_then(|t| t.to_vec1::<f32>())
+                        .map_err(|e| format!("{name}: {e}"))
+                };
                 match q.dtype() {
-                    GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => Matrix::F32(
-                        q.dequantize(&Device::Cpu)
-                            .and_then(|t| t.flatten_all())
-                            .and_then(|t| t.to_vec1::<f32>())
-                            .map_err(|e| format!("{name}: {e}"))?,
+                    GgmlDType::F16 => Matrix::F16(
+                        bytes()?
+                            .chunks_exact(2)
+                            .map(|b| f16::from_le_bytes([b[0], b[1]]))
+                            .collect(),
                     ),
-                    other => {
-                        match QuantKind::from_ggml(other)
-                            .filter(|k| cols.is_multiple_of(k.block_elems()))
-                        {
-                            Some(kind) => Matrix::Quant(
-                                kind,
-                                q.data().map_err(|e| format!("{name}: {e}"))?.into_owned(),
-                            ),
-                            // No kernel for this block format: widen it once, at load.
-                            None => Matrix::F32(
-                                q.dequantize(&Device::Cpu)
-                                    .and_then(|t| t.flatten_all())
-                                    .and_then(|t| t.to_vec1::<f32>())
-                                    .map_err(|e| format!("{name}: {e}"))?,
-                            ),
-                        }
-                    }
+                    GgmlDType::BF16 => Matrix::Bf16(
+                        bytes()?
+                            .chunks_exact(2)
+                            .map(|b| bf16::from_le_bytes([b[0], b[1]]))
+                            .collect(),
+                    ),
+                    GgmlDType::F32 => Matrix::F32(widened()?),
+                    other => match QuantKind::from_ggml(other)
+                        .filter(|k| cols.is_multiple_of(k.block_elems()))
+                    {
+                        Some(kind) => Matrix::Quant(kind, bytes()?.into_owned()),
+                        // No kernel for this block format: widen it once, at load.
+                        None => Matrix::F32(widened()?),
+                    },
                 }
             }
         };
