@@ -304,3 +304,24 @@ fn configs_outside_the_family_fall_back_to_candle() {
     odd["rope_scaling"] = serde_json::json!({"rope_type": "yarn", "factor": 4.0});
     assert!(NativeConfig::from_hf(&odd).is_err());
 }
+
+/// `--dtype f16|bf16` keeps half-precision weights (widened in registers): the logits stay
+/// within the weights' rounding of the f32 run (5e-2 relative), and differ from it at all.
+#[test]
+fn half_precision_weights_track_the_f32_run() {
+    let dir = tempfile::tempdir().unwrap();
+    tiny::write_model(dir.path(), "qwen2", 23);
+    let config = read_config(dir.path());
+    let load = |dtype| {
+        let model = load_safetensors(&config, &weights(dir.path()), dtype)
+            .unwrap()
+            .unwrap();
+        NativeLm::base(model).fork(64).unwrap()
+    };
+    let reference = run(load(DType::F32).as_mut(), 4);
+    for dtype in [DType::F16, DType::BF16] {
+        let half = run(load(dtype).as_mut(), 4);
+        let err = worst(&half, &reference);
+        assert!(err < 5e-2 && err > 0.0, "{dtype:?}: {err}");
+    }
+}
