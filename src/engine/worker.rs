@@ -65,15 +65,30 @@ pub struct Counters {
 }
 
 impl Counters {
-    /// Counts a sequence that leaves the engine: its tokens, and whether its client left
-    /// before it ended.
-    fn retire(&self, seq: &Sequence) {
+    /// Takes a sequence out of the engine: counts its tokens and whether its client left,
+    /// frees its queue slot, and only then sends its final event, so that a client that saw
+    /// its stream end finds the counters and the queue depth already settled. Returns what ran
+    /// the sequence.
+    fn retire(&self, seq: Sequence) -> SeqModel {
         if !seq.ended {
             self.cancelled.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(parent: &seq.span, generated = seq.generated, "client left; generation stopped");
         }
         self.tokens_generated
             .fetch_add(seq.generated as u64, Ordering::Relaxed);
+        self.active.fetch_sub(1, Ordering::Relaxed);
+        let Sequence {
+            model,
+            events,
+            last,
+            permit,
+            ..
+        } = seq;
+        drop(permit);
+        if let Some(event) = last {
+            let _ = events.send(event);
+        }
+        model
     }
 }
 
@@ -128,9 +143,12 @@ struct Sequence {
     accepted_at: Instant,
     first_token_at: Option<Instant>,
     span: tracing::Span,
-    /// A final event (completion or failure) went out.
+    /// The sequence reached its end (completion or failure); its final event is in `last`.
     ended: bool,
-    _permit: OwnedSemaphorePermit,
+    /// The final event, sent when the sequence is retired.
+    last: Option<StreamEvent>,
+    /// Its place in the model's queue.
+    permit: OwnedSemaphorePermit,
 }
 
 enum Step {
@@ -174,7 +192,6 @@ impl Worker {
                 Some(batch) => self.batched_turn(batch, &mut active),
                 None => self.turn(&mut active),
             }
-            self.counters.active.store(active.len(), Ordering::Relaxed);
         }
         self.counters.active.store(0, Ordering::Relaxed);
         drop(self.guard);
@@ -244,8 +261,10 @@ impl Worker {
                     first_token_at: None,
                     span: job.span,
                     ended: false,
-                    _permit: job.permit,
+                    last: None,
+                    permit: job.permit,
                 });
+                self.counters.active.fetch_add(1, Ordering::Relaxed);
             }
             (Job::Generate(job), Runner::Embedder(_)) => {
                 let _ = job.events.send(StreamEvent::Failed(
@@ -277,8 +296,7 @@ impl Worker {
                     Ok(step) => step,
                     Err(message) => {
                         tracing::error!(error = %message, "generation failed");
-                        let _ = seq.events.send(StreamEvent::Failed(message));
-                        seq.ended = true;
+                        seq.conclude(StreamEvent::Failed(message));
                         Step::Done
                     }
                 }
@@ -286,9 +304,8 @@ impl Worker {
             match outcome {
                 Step::Continue => i += 1,
                 Step::Done => {
-                    let seq = active.swap_remove(i);
-                    self.counters.retire(&seq);
-                    if let (None, SeqModel::Own(mut model)) = (base.as_ref(), seq.model) {
+                    let model = self.counters.retire(active.swap_remove(i));
+                    if let (None, SeqModel::Own(mut model)) = (base.as_ref(), model) {
                         // Give the lent model back, with an empty cache.
                         model.reset();
                         *base = Some(model);
@@ -323,7 +340,7 @@ impl Worker {
         let mut i = 0;
         while i < active.len() {
             if active[i].events.is_closed() {
-                self.counters.retire(&active.swap_remove(i));
+                self.counters.retire(active.swap_remove(i));
             } else {
                 i += 1;
             }
@@ -384,15 +401,14 @@ impl Worker {
                 Ok(Step::Done) => ended[i] = true,
                 Err(message) => {
                     tracing::error!(error = %message, "generation failed");
-                    let _ = seq.events.send(StreamEvent::Failed(message));
-                    seq.ended = true;
+                    seq.conclude(StreamEvent::Failed(message));
                     ended[i] = true;
                 }
             }
         }
         for i in (0..active.len()).rev() {
             if ended[i] {
-                self.counters.retire(&active.swap_remove(i));
+                self.counters.retire(active.swap_remove(i));
             }
         }
     }
@@ -420,6 +436,12 @@ impl Sequence {
         let step = self.accept(&buf, tokenizer, eos_ids, special_ids);
         self.logits_buf = buf;
         step
+    }
+
+    /// Marks the sequence ended; `event` goes out when it is retired.
+    fn conclude(&mut self, event: StreamEvent) {
+        self.ended = true;
+        self.last = Some(event);
     }
 
     /// Samples the next token from `logits` (those of the last fed token) and emits it.
@@ -519,8 +541,7 @@ impl Sequence {
         } else {
             0.0
         };
-        self.ended = true;
-        let _ = self.events.send(StreamEvent::Done(Completion {
+        let done = StreamEvent::Done(Completion {
             finish_reason: reason,
             prompt_tokens: self.prompt_len,
             completion_tokens: self.generated,
@@ -528,7 +549,8 @@ impl Sequence {
             tokens_per_second,
             text: std::mem::take(&mut self.output),
             stop_sequence: stop,
-        }));
+        });
+        self.conclude(done);
         Step::Done
     }
 }
