@@ -311,6 +311,11 @@ pub struct EngineArgs {
     #[arg(long, env = "LMX_PREFILL_CHUNK", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=65536))]
     pub prefill_chunk: u32,
 
+    /// Keep finished sequences' KV caches (within the model's KV budget, least recently used
+    /// evicted first) and reuse them for prompts that start with the same tokens.
+    #[arg(long, env = "LMX_PREFIX_CACHE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub prefix_cache: bool,
+
     /// Largest `max_tokens` a request may ask for.
     #[arg(long, env = "LMX_MAX_TOKENS", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_tokens: u32,
@@ -432,6 +437,8 @@ impl EngineArgs {
                 max_queue: self.max_queue as usize,
                 max_concurrent: self.max_concurrent as usize,
                 prefill_chunk: self.prefill_chunk as usize,
+                kv_budget: None,
+                prefix_cache: self.prefix_cache,
                 limits: Limits {
                     max_tokens_cap: self.max_tokens as usize,
                     default_max_tokens: self.default_max_tokens as usize,

@@ -46,6 +46,7 @@ pub mod reason {
     pub const DEVICE_UNAVAILABLE: &str = "DEVICE_UNAVAILABLE";
     pub const ENGINE_STOPPED: &str = "ENGINE_STOPPED";
     pub const MEMORY_BUDGET_EXCEEDED: &str = "MEMORY_BUDGET_EXCEEDED";
+    pub const KV_CACHE_BUDGET_EXCEEDED: &str = "KV_CACHE_BUDGET_EXCEEDED";
     pub const MODEL_LOADING: &str = "MODEL_LOADING";
     pub const MODEL_NOT_LOADED: &str = "MODEL_NOT_LOADED";
     pub const DOWNLOAD_NOT_FOUND: &str = "DOWNLOAD_NOT_FOUND";
@@ -233,6 +234,13 @@ impl From<&EngineError> for ApiError {
                 Self::new(Code::ResourceExhausted, reason::QUEUE_FULL, message)
                     .with_metadata("limit", limit.to_string())
             }
+            EngineError::KvCacheBudget { needed, budget, .. } => Self::new(
+                Code::ResourceExhausted,
+                reason::KV_CACHE_BUDGET_EXCEEDED,
+                message,
+            )
+            .with_metadata("needed_bytes", needed.to_string())
+            .with_metadata("budget_bytes", budget.to_string()),
             EngineError::NoChatTemplate => {
                 Self::new(Code::FailedPrecondition, reason::NO_CHAT_TEMPLATE, message)
             }

@@ -688,17 +688,25 @@ async fn unloading_during_a_stream_lets_the_stream_finish() {
 
 #[tokio::test]
 async fn a_full_memory_budget_evicts_the_least_recently_used_idle_model() {
-    let bytes = lmx::engine::estimate_memory(
+    let estimate = lmx::engine::estimate_memory(
         &{
             let dir = tempfile::tempdir().unwrap().keep();
             testing::tiny::write_model(&dir, "llama", 1);
             dir
         },
         None,
+        "cpu",
     )
     .unwrap();
+    // A model holds its weights and the KV caches of --max-concurrent full-context sequences.
+    assert!(estimate.kv_bytes_per_token > 0 && estimate.context_length == 512);
+    let bytes = estimate.weights + estimate.kv_for(2);
     // Room for two tiny models, not three.
-    let server = TestServer::start_with(|c| c.engine.memory_budget = bytes * 2 + bytes / 2).await;
+    let server = TestServer::start_with(|c| {
+        c.engine.memory_budget = bytes * 2 + bytes / 2;
+        c.engine.load.max_concurrent = 2;
+    })
+    .await;
     for (repo, seed) in [("tiny/a", 1), ("tiny/b", 2), ("tiny/c", 3)] {
         put_tiny(&server, repo, "llama", seed);
     }
@@ -720,7 +728,11 @@ async fn a_full_memory_budget_evicts_the_least_recently_used_idle_model() {
     server.stop().await.unwrap();
 
     // With every loaded model busy, nothing can be evicted: RESOURCE_EXHAUSTED.
-    let server = TestServer::start_with(|c| c.engine.memory_budget = bytes * 2 + bytes / 2).await;
+    let server = TestServer::start_with(|c| {
+        c.engine.memory_budget = bytes * 2 + bytes / 2;
+        c.engine.load.max_concurrent = 2;
+    })
+    .await;
     put_endless(&server, "tiny/busy1");
     put_endless(&server, "tiny/busy2");
     put_tiny(&server, "tiny/b", "llama", 2);
@@ -947,5 +959,92 @@ async fn a_sentencepiece_gguf_serves_with_its_own_tokenizer() {
     assert!(!tokens.is_empty());
     let streamed: String = tokens.iter().map(|t| t.text.as_str()).collect();
     assert_eq!(streamed, done.text);
+    server.stop().await.unwrap();
+}
+
+/// A chat's second turn reuses the first turn's KV (Completion.cached_prompt_tokens) and
+/// answers as a server without a prefix cache does; ListModels shows the KV reservation.
+#[tokio::test]
+async fn a_second_turn_reuses_the_first_turns_kv_cache() {
+    let cached = TestServer::start().await;
+    let uncached = TestServer::start_with(|c| c.engine.load.prefix_cache = false).await;
+    let mut answers = Vec::new();
+    for server in [&cached, &uncached] {
+        put_tiny(server, "tiny/llama", "llama", 41);
+        let mut c = clients(server).await;
+        load(&mut c.admin, "tiny/llama", None).await.unwrap();
+        let first = "<|im_start|>user\nname three colours<|im_end|>\n<|im_start|>assistant\n";
+        let (_, one) = generate(
+            &mut c.inference,
+            generate_request("tiny/llama", first, params(10)),
+        )
+        .await
+        .unwrap();
+        assert_eq!(one.cached_prompt_tokens, 0);
+        let second = format!(
+            "{first}{}<|im_end|>\n<|im_start|>user\nand two more",
+            one.text
+        );
+        let (tokens, two) = generate(
+            &mut c.inference,
+            generate_request("tiny/llama", &second, params(10)),
+        )
+        .await
+        .unwrap();
+        let info = &list(&mut c.admin).await[0];
+        assert!(info.kv_cache_bytes > 0 && info.memory_bytes > info.kv_cache_bytes);
+        assert!(info.kv_cache_used_bytes <= info.kv_cache_bytes);
+        answers.push((
+            tokens.iter().map(|t| t.id).collect::<Vec<_>>(),
+            two.text,
+            two.cached_prompt_tokens,
+            one.prompt_tokens,
+        ));
+    }
+    let (hit, miss) = (&answers[0], &answers[1]);
+    assert_eq!((&hit.0, &hit.1), (&miss.0, &miss.1));
+    assert!(
+        hit.2 >= hit.3,
+        "the first turn's {} prompt tokens were cached: {}",
+        hit.3,
+        hit.2
+    );
+    assert_eq!(miss.2, 0);
+    cached.stop().await.unwrap();
+    uncached.stop().await.unwrap();
+}
+
+/// A request whose KV cache can never fit in the model's share of the memory budget is refused
+/// with RESOURCE_EXHAUSTED and the numbers.
+#[tokio::test]
+async fn a_request_larger_than_the_kv_budget_is_refused_with_the_numbers() {
+    let dir = tempfile::tempdir().unwrap().keep();
+    testing::tiny::write_model(&dir, "llama", 1);
+    let estimate = lmx::engine::estimate_memory(&dir, None, "cpu").unwrap();
+    // The weights and 100 tokens of KV cache.
+    let kv = 100 * estimate.kv_bytes_per_token;
+    let server = TestServer::start_with(|c| c.engine.memory_budget = estimate.weights + kv).await;
+    put_tiny(&server, "tiny/llama", "llama", 1);
+    let mut c = clients(&server).await;
+    load(&mut c.admin, "tiny/llama", None).await.unwrap();
+    assert_eq!(list(&mut c.admin).await[0].kv_cache_bytes, kv);
+    let err = generate(
+        &mut c.inference,
+        generate_request("tiny/llama", "hello", params(300)),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    let info = err.get_details_error_info().unwrap();
+    assert_eq!(info.reason, "KV_CACHE_BUDGET_EXCEEDED");
+    assert_eq!(info.metadata["budget_bytes"], kv.to_string());
+    assert!(err.message().contains(&kv.to_string()), "{}", err.message());
+    // One that fits runs.
+    generate(
+        &mut c.inference,
+        generate_request("tiny/llama", "hello", params(50)),
+    )
+    .await
+    .unwrap();
     server.stop().await.unwrap();
 }

@@ -109,6 +109,8 @@ pub fn model_status(status: &crate::manager::models::ModelStatus) -> pb::ModelIn
                 state_message: String::new(),
                 requests_in_flight: stats.in_flight as u32,
                 tokens_generated: stats.tokens_generated,
+                kv_cache_bytes: d.kv_cache_bytes,
+                kv_cache_used_bytes: stats.kv_cache_used_bytes,
             }
         }
     }

@@ -111,6 +111,7 @@ fn completion_message(c: Completion) -> pb::Completion {
         tokens_per_second: c.tokens_per_second,
         text: c.text,
         stop_sequence: c.stop_sequence.unwrap_or_default(),
+        cached_prompt_tokens: c.cached_prompt_tokens as u32,
     }
 }
 

@@ -206,7 +206,7 @@ fn candle(context: &str) -> impl Fn(candle_core::Error) -> EngineError + '_ {
     move |e| EngineError::Load(format!("{context}: {e}"))
 }
 
-fn context_length(config: &Value) -> usize {
+pub(crate) fn context_length(config: &Value) -> usize {
     config
         .get("max_position_embeddings")
         .and_then(Value::as_u64)
@@ -335,7 +335,7 @@ pub(crate) fn load_candle_safetensors(
 }
 
 /// `general.architecture` and its context length (2048 when the file does not say).
-fn gguf_architecture(content: &gguf_file::Content) -> (String, usize) {
+pub(crate) fn gguf_architecture(content: &gguf_file::Content) -> (String, usize) {
     let architecture = content
         .metadata
         .get("general.architecture")

@@ -11,7 +11,10 @@ mod chat;
 mod embed;
 mod gguf_tokenizer;
 pub mod kernels;
-mod native;
+mod memory;
+#[doc(hidden)]
+pub mod native;
+mod prefix;
 mod sampling;
 mod text;
 mod tokenizer;
@@ -30,6 +33,7 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 
 pub use chat::{ChatMessage, ChatTemplate};
 pub use embed::Embeddings;
+pub use memory::{estimate_memory, MemoryEstimate};
 pub use sampling::SamplingParams;
 pub use text::{StopMatcher, StopOutcome, TextStream};
 pub use validation::{Limits, RawParams, ValidParams};
@@ -53,6 +57,13 @@ pub enum EngineError {
     },
     #[error("the model has {limit} requests queued or running, its limit; retry later")]
     QueueFull { limit: usize },
+    #[error("the request needs {needed} bytes of KV cache ({tokens} tokens of prompt and max_tokens × {per_token} bytes per token), more than this model's KV cache budget of {budget} bytes; lower max_tokens or the prompt, or load the model with a larger --memory-budget or --max-concurrent")]
+    KvCacheBudget {
+        tokens: usize,
+        per_token: u64,
+        needed: u64,
+        budget: u64,
+    },
     #[error("the model has no chat template (tokenizer_config.json chat_template, chat_template.jinja or GGUF tokenizer.chat_template)")]
     NoChatTemplate,
     #[error("the chat template failed: {0}")]
@@ -87,6 +98,11 @@ pub struct LoadOptions {
     /// Most prompt tokens one batched step processes (longer prompts go in chunks between the
     /// other sequences' decode steps).
     pub prefill_chunk: usize,
+    /// Bytes the model's KV caches may take (running sequences and kept prefixes together);
+    /// None: `max_concurrent` sequences at full context length.
+    pub kv_budget: Option<u64>,
+    /// Keep finished sequences' KV caches to reuse for prompts that start the same way.
+    pub prefix_cache: bool,
     pub limits: Limits,
 }
 
@@ -98,6 +114,8 @@ impl Default for LoadOptions {
             max_queue: 32,
             max_concurrent: 4,
             prefill_chunk: 256,
+            kv_budget: None,
+            prefix_cache: true,
             limits: Limits::default(),
         }
     }
@@ -117,7 +135,12 @@ pub struct ModelDescription {
     pub architecture: String,
     pub format: WeightFormat,
     pub context_length: usize,
+    /// Bytes held against the memory budget: the weights and `kv_cache_bytes`.
     pub memory_bytes: u64,
+    /// Bytes reserved for KV caches.
+    pub kv_cache_bytes: u64,
+    /// Bytes one cached token takes.
+    pub kv_bytes_per_token: u64,
     pub dtype: DType,
     pub device: String,
     pub has_chat_template: bool,
@@ -150,6 +173,8 @@ pub struct Completion {
     pub tokens_per_second: f64,
     pub text: String,
     pub stop_sequence: Option<String>,
+    /// Prompt tokens whose KV came from the prefix cache.
+    pub cached_prompt_tokens: usize,
 }
 
 /// What a generation stream carries.
@@ -189,6 +214,10 @@ pub struct EngineStats {
     pub active: usize,
     pub tokens_generated: u64,
     pub cancelled: u64,
+    /// KV cache bytes in use (running sequences and kept prefixes).
+    pub kv_cache_used_bytes: u64,
+    /// Prompt tokens served from the prefix cache since load.
+    pub cached_prompt_tokens: u64,
 }
 
 /// A loaded model.
@@ -294,50 +323,11 @@ fn gguf_file(dir: &Path) -> Option<PathBuf> {
     files.into_iter().next()
 }
 
-/// Bytes the weights take in memory at `dtype` (floating tensors are converted to it).
-fn weights_memory(files: &[PathBuf], dtype: DType) -> Result<u64, EngineError> {
-    // SAFETY: read-only mapping of verified files, only their headers are read here.
-    let tensors = unsafe { candle_core::safetensors::MmapedSafetensors::multi(files) }
-        .map_err(|e| EngineError::Load(format!("reading the weight headers: {e}")))?;
-    Ok(tensors
-        .tensors()
-        .iter()
-        .map(|(_, view)| {
-            let elems: usize = view.shape().iter().product();
-            let size = match view.dtype() {
-                safetensors::Dtype::F16
-                | safetensors::Dtype::BF16
-                | safetensors::Dtype::F32
-                | safetensors::Dtype::F64 => dtype.size_in_bytes(),
-                other => other.bitsize() / 8,
-            };
-            (elems * size) as u64
-        })
-        .sum())
-}
-
 fn read_config(dir: &Path) -> Result<Value, EngineError> {
     let bytes = std::fs::read(dir.join("config.json"))
         .map_err(|e| EngineError::Load(format!("reading config.json: {e}")))?;
     serde_json::from_slice(&bytes)
         .map_err(|e| EngineError::Load(format!("config.json does not parse: {e}")))
-}
-
-/// Bytes the model in `dir` will take in memory at `dtype` (None: f32), from the weight headers
-/// only: what the manager checks against its memory budget before loading.
-pub fn estimate_memory(dir: &Path, dtype: Option<DType>) -> Result<u64, EngineError> {
-    let files = safetensors_files(dir)?;
-    if files.is_empty() {
-        return match gguf_file(dir) {
-            Some(path) => std::fs::metadata(&path)
-                .map(|m| m.len())
-                .map_err(|e| EngineError::Load(format!("reading {}: {e}", path.display()))),
-            None => Err(EngineError::Load(
-                "no safetensors or GGUF weights in the snapshot".into(),
-            )),
-        };
-    }
-    weights_memory(&files, dtype.unwrap_or(DType::F32))
 }
 
 /// Loads the model in `dir` (a snapshot the guard passed). Blocking: run it off the async
@@ -358,6 +348,7 @@ pub fn load(
             .map_err(|e| EngineError::Load(format!("reading the GGUF header: {e}")))?;
         let info = tokenizer::load(dir, None, Some(&content))?;
         let memory = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        let kv_bytes_per_token = memory::kv_bytes_per_token_gguf(&content);
         let lm = arch::load_gguf(&path, content, &device)?;
         let description = ModelDescription {
             kind: ModelKind::Generator,
@@ -365,6 +356,8 @@ pub fn load(
             format: WeightFormat::Gguf,
             context_length: lm.context_length,
             memory_bytes: memory,
+            kv_cache_bytes: 0,
+            kv_bytes_per_token,
             dtype: DType::F32,
             device: options.device.clone(),
             has_chat_template: info.chat_template.is_some(),
@@ -378,7 +371,7 @@ pub fn load(
                 "no safetensors or GGUF weights in the snapshot".into(),
             ));
         }
-        let memory = weights_memory(&files, dtype)?;
+        let memory = memory::weights_memory(&files, dtype)?;
         let info = tokenizer::load(dir, Some(&config), None)?;
         let model_type = config
             .get("model_type")
@@ -399,6 +392,8 @@ pub fn load(
                 format: WeightFormat::Safetensors,
                 context_length: embedder.max_tokens,
                 memory_bytes: memory,
+                kv_cache_bytes: 0,
+                kv_bytes_per_token: 0,
                 dtype,
                 device: options.device.clone(),
                 has_chat_template: false,
@@ -412,6 +407,8 @@ pub fn load(
                 format: WeightFormat::Safetensors,
                 context_length: lm.context_length,
                 memory_bytes: memory,
+                kv_cache_bytes: 0,
+                kv_bytes_per_token: memory::kv_bytes_per_token_hf(&config, dtype, device.is_cpu()),
                 dtype,
                 device: options.device.clone(),
                 has_chat_template: info.chat_template.is_some(),
@@ -428,6 +425,18 @@ pub fn load(
         )?),
         None => None,
     };
+    let mut description = description;
+    if description.kv_bytes_per_token > 0 {
+        description.kv_cache_bytes = options.kv_budget.unwrap_or_else(|| {
+            MemoryEstimate {
+                weights: 0,
+                kv_bytes_per_token: description.kv_bytes_per_token,
+                context_length: description.context_length,
+            }
+            .kv_for(options.max_concurrent.max(1))
+        });
+        description.memory_bytes += description.kv_cache_bytes;
+    }
     let counters = Arc::new(Counters::default());
     let (jobs_tx, jobs_rx) = mpsc::unbounded_channel();
     let worker = Worker {
@@ -435,6 +444,11 @@ pub fn load(
         jobs: jobs_rx,
         max_concurrent: options.max_concurrent,
         prefill_chunk: options.prefill_chunk,
+        kv: worker::KvBudget {
+            budget: description.kv_cache_bytes,
+            per_token: description.kv_bytes_per_token,
+            prefix_cache: options.prefix_cache,
+        },
         counters: counters.clone(),
         guard,
     };
@@ -503,6 +517,8 @@ impl Engine for CandleEngine {
             active: self.counters.active.load(Ordering::Relaxed),
             tokens_generated: self.counters.tokens_generated.load(Ordering::Relaxed),
             cancelled: self.counters.cancelled.load(Ordering::Relaxed),
+            kv_cache_used_bytes: self.counters.kv_used.load(Ordering::Relaxed),
+            cached_prompt_tokens: self.counters.cached_prompt_tokens.load(Ordering::Relaxed),
         }
     }
 
@@ -546,6 +562,17 @@ impl Engine for CandleEngine {
             self.description.context_length,
             &self.limits,
         )?;
+        let d = &self.description;
+        let tokens = (ids.len() + params.max_tokens).min(d.context_length.max(1));
+        let needed = tokens as u64 * d.kv_bytes_per_token;
+        if needed > d.kv_cache_bytes {
+            return Err(EngineError::KvCacheBudget {
+                tokens,
+                per_token: d.kv_bytes_per_token,
+                needed,
+                budget: d.kv_cache_bytes,
+            });
+        }
         let permit = self.slot()?;
         let (events_tx, events_rx) = mpsc::unbounded_channel();
         self.jobs

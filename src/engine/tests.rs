@@ -480,8 +480,10 @@ fn the_engine_thread_ends_and_drops_its_guard_when_the_engine_is_dropped() {
 /// Eight different prompts: the ids each generates alone, then all at once (llama family:
 /// batched into shared forward passes). Greedy output must not depend on the batch.
 fn batch_independence(dir: &Path, prompts: &[&str], max_tokens: i32) {
+    // No prefix cache: the batched runs compute their prompts as the solo runs did.
     let options = LoadOptions {
         max_concurrent: 8,
+        prefix_cache: false,
         ..LoadOptions::default()
     };
     let engine = load_tiny(dir, &options);
@@ -553,6 +555,7 @@ fn a_long_prompt_is_prefilled_in_chunks_between_decode_steps() {
     let options = LoadOptions {
         max_concurrent: 4,
         prefill_chunk: 16,
+        prefix_cache: false,
         ..LoadOptions::default()
     };
     let engine = load_tiny(dir.path(), &options);
@@ -616,4 +619,203 @@ fn a_long_prompt_is_prefilled_in_chunks_between_decode_steps() {
         short_tokens_before_long_first.unwrap_or(0) + 1 >= prompt_tokens / 16,
         "short stream tokens before the long prompt's first: {short_tokens_before_long_first:?}"
     );
+}
+
+fn ids(tokens: &[TokenEvent]) -> Vec<u32> {
+    tokens.iter().map(|t| t.id).collect()
+}
+
+/// A conversation's second turn starts with the first turn's prompt and answer: its prompt
+/// reuses the cached keys and values, and the output equals a run without any cache.
+fn prefix_reuse(dir: &Path) {
+    let cached = load_tiny(dir, &LoadOptions::default());
+    let uncached = load_tiny(
+        dir,
+        &LoadOptions {
+            prefix_cache: false,
+            ..LoadOptions::default()
+        },
+    );
+    let first = "<|im_start|>system\nYou are terse.<|im_end|>\n<|im_start|>user\nhello there";
+    let (tokens, done) = collect(&*cached, text(first), &greedy(12));
+    assert_eq!(done.cached_prompt_tokens, 0);
+    let second = format!("{first}{} and then some more words", done.text);
+    let (hit, hit_done) = collect(&*cached, text(&second), &greedy(12));
+    let (miss, miss_done) = collect(&*uncached, text(&second), &greedy(12));
+    assert_eq!(ids(&hit), ids(&miss), "{}", dir.display());
+    assert_eq!(hit_done.text, miss_done.text);
+    assert_eq!(miss_done.cached_prompt_tokens, 0);
+    let first_len = cached.tokenize(first, false).unwrap().len();
+    assert!(
+        hit_done.cached_prompt_tokens >= first_len
+            && hit_done.cached_prompt_tokens < hit_done.prompt_tokens,
+        "cached {} of {} prompt tokens; the first turn had {first_len} (+{} generated)",
+        hit_done.cached_prompt_tokens,
+        hit_done.prompt_tokens,
+        tokens.len()
+    );
+    // The very same prompt again: all but its last token come from the cache.
+    let (again, again_done) = collect(&*cached, text(first), &greedy(12));
+    assert_eq!(ids(&again), ids(&tokens));
+    assert_eq!(again_done.cached_prompt_tokens, first_len - 1);
+    assert_eq!(
+        cached.stats().cached_prompt_tokens,
+        (hit_done.cached_prompt_tokens + first_len - 1) as u64
+    );
+}
+
+#[test]
+fn a_prompt_that_extends_a_cached_one_reuses_its_kv_and_generates_the_same() {
+    for arch in ["llama", "qwen2", "qwen3"] {
+        let dir = tempfile::tempdir().unwrap();
+        tiny::write_model(dir.path(), arch, 23);
+        prefix_reuse(dir.path());
+    }
+    // A sliding window shorter than the prompts.
+    let dir = tempfile::tempdir().unwrap();
+    tiny::write_model_with(dir.path(), "mistral", 23, |c| {
+        c["sliding_window"] = 8.into()
+    });
+    prefix_reuse(dir.path());
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("model.gguf"), tiny::spm_llama_gguf(9)).unwrap();
+    prefix_reuse(dir.path());
+}
+
+/// A prompt that starts like a sequence still running reuses that sequence's cache.
+#[test]
+fn a_prompt_reuses_the_cache_of_a_concurrent_sequence() {
+    let dir = tempfile::tempdir().unwrap();
+    tiny::write_model(dir.path(), "llama", 29);
+    let engine = load_tiny(dir.path(), &LoadOptions::default());
+    let uncached = load_tiny(
+        dir.path(),
+        &LoadOptions {
+            prefix_cache: false,
+            ..LoadOptions::default()
+        },
+    );
+    let shared = "A long shared system prompt that many requests start with. ".repeat(3);
+    let mut running = engine.generate(text(&shared), &greedy(200)).unwrap();
+    // Its prompt is in its cache once its first token is out.
+    assert!(matches!(
+        running.blocking_recv(),
+        Some(StreamEvent::Token(_))
+    ));
+    let prompt = format!("{shared}Question: why?");
+    let (hit, done) = collect(&*engine, text(&prompt), &greedy(10));
+    let (miss, _) = collect(&*uncached, text(&prompt), &greedy(10));
+    assert_eq!(ids(&hit), ids(&miss));
+    let shared_len = engine.tokenize(&shared, false).unwrap().len();
+    assert!(
+        done.cached_prompt_tokens + 2 >= shared_len,
+        "cached {} of the {shared_len} shared tokens",
+        done.cached_prompt_tokens
+    );
+    drop(running);
+}
+
+/// Kept prefixes live within the KV budget and go least recently used first.
+#[test]
+fn kept_prefixes_stay_within_the_kv_budget_and_are_evicted_lru() {
+    let dir = tempfile::tempdir().unwrap();
+    tiny::write_model(dir.path(), "llama", 31);
+    let probe = load_tiny(dir.path(), &LoadOptions::default());
+    let per_token = probe.description().kv_bytes_per_token;
+    assert!(per_token > 0);
+    let prompts = [
+        "first prompt here about apples",
+        "second prompt here about pears",
+        "third prompt here about plums",
+    ];
+    let lens: Vec<usize> = prompts
+        .iter()
+        .map(|p| probe.tokenize(p, false).unwrap().len())
+        .collect();
+    // Room for one running sequence and two kept ones (of 8 new tokens each), not three.
+    let biggest = lens.iter().max().unwrap() + 8;
+    let budget = 3 * biggest as u64 * per_token + per_token;
+    let engine = load_tiny(
+        dir.path(),
+        &LoadOptions {
+            kv_budget: Some(budget),
+            ..LoadOptions::default()
+        },
+    );
+    assert_eq!(engine.description().kv_cache_bytes, budget);
+    for p in prompts {
+        collect(&*engine, text(p), &greedy(8));
+        let used = engine.stats().kv_cache_used_bytes;
+        assert!(used > 0 && used <= budget, "{used} of {budget}");
+    }
+    // Running the third again needs a running slot: the least recently used kept prefix
+    // (the first prompt's) goes; the third's own prefix is reused.
+    let (_, done) = collect(&*engine, text(prompts[2]), &greedy(8));
+    assert_eq!(done.cached_prompt_tokens, lens[2] - 1);
+    let (_, done) = collect(&*engine, text(prompts[1]), &greedy(8));
+    assert_eq!(done.cached_prompt_tokens, lens[1] - 1);
+    let (_, done) = collect(&*engine, text(prompts[0]), &greedy(8));
+    assert_eq!(
+        done.cached_prompt_tokens, 0,
+        "the first prompt's cache was evicted"
+    );
+}
+
+/// A request whose KV cache can never fit is refused with the numbers; one that fits later
+/// waits for a running sequence to end.
+#[test]
+fn kv_memory_is_budgeted_refused_with_numbers_or_waited_for() {
+    let dir = tempfile::tempdir().unwrap();
+    tiny::write_model(dir.path(), "llama", 37);
+    let probe = load_tiny(dir.path(), &LoadOptions::default());
+    let per_token = probe.description().kv_bytes_per_token;
+    // One sequence of 100 tokens fits; two do not.
+    let budget = 150 * per_token;
+    let engine = load_tiny(
+        dir.path(),
+        &LoadOptions {
+            kv_budget: Some(budget),
+            max_concurrent: 4,
+            prefix_cache: false,
+            ..LoadOptions::default()
+        },
+    );
+    let err = engine.generate(text("hello"), &greedy(200)).unwrap_err();
+    let prompt_len = engine.tokenize("hello", false).unwrap().len();
+    let needed = (prompt_len + 200) as u64 * per_token;
+    assert!(
+        matches!(err, EngineError::KvCacheBudget { needed: n, budget: b, .. } if n == needed && b == budget),
+        "{err:?}"
+    );
+    let message = err.to_string();
+    for number in [
+        needed.to_string(),
+        budget.to_string(),
+        per_token.to_string(),
+    ] {
+        assert!(message.contains(&number), "{message} lacks {number}");
+    }
+    let max = 100 - prompt_len as i32;
+    let solo = ids(&collect(&*engine, text("hello"), &greedy(max)).0);
+    let mut first = engine.generate(text("hello"), &greedy(max)).unwrap();
+    assert!(matches!(first.blocking_recv(), Some(StreamEvent::Token(_))));
+    let second = engine.generate(text("hello"), &greedy(max)).unwrap();
+    // The second waits: one sequence runs, two requests are in flight.
+    let stats = engine.stats();
+    assert_eq!((stats.active, stats.in_flight), (1, 2));
+    assert!(stats.kv_cache_used_bytes <= budget);
+    let mut rest = Vec::new();
+    while let Some(StreamEvent::Token(t)) = first.blocking_recv() {
+        rest.push(t.id);
+    }
+    let mut second = second;
+    let mut got = Vec::new();
+    loop {
+        match second.blocking_recv().expect("completion") {
+            StreamEvent::Token(t) => got.push(t.id),
+            StreamEvent::Done(_) => break,
+            StreamEvent::Failed(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!(got, solo);
 }

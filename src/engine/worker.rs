@@ -24,6 +24,7 @@ use super::{
     embed::{Embedder, Embeddings},
     kernels,
     native::{KvCache, Model, Step as NativeStep, Workspace},
+    prefix::{self, PrefixStore},
     sampling::Sampler,
     text::{StopMatcher, StopOutcome, TextStream},
     validation::ValidParams,
@@ -62,34 +63,100 @@ pub struct Counters {
     pub tokens_generated: AtomicU64,
     /// Generations that ended because their client left.
     pub cancelled: AtomicU64,
+    /// KV cache bytes held by running sequences and kept prefixes.
+    pub kv_used: AtomicU64,
+    /// Prompt tokens whose KV came from the prefix cache, since load.
+    pub cached_prompt_tokens: AtomicU64,
 }
 
-impl Counters {
-    /// Takes a sequence out of the engine: counts its tokens and whether its client left,
-    /// frees its queue slot, and only then sends its final event, so that a client that saw
-    /// its stream end finds the counters and the queue depth already settled. Returns what ran
-    /// the sequence.
-    fn retire(&self, seq: Sequence) -> SeqModel {
-        if !seq.ended {
-            self.cancelled.fetch_add(1, Ordering::Relaxed);
-            tracing::debug!(parent: &seq.span, generated = seq.generated, "client left; generation stopped");
-        }
-        self.tokens_generated
-            .fetch_add(seq.generated as u64, Ordering::Relaxed);
-        self.active.fetch_sub(1, Ordering::Relaxed);
-        let Sequence {
-            model,
-            events,
-            last,
-            permit,
-            ..
-        } = seq;
-        drop(permit);
-        if let Some(event) = last {
-            let _ = events.send(event);
-        }
-        model
+/// The KV cache budget the worker keeps to.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct KvBudget {
+    /// Bytes all KV caches may take together.
+    pub budget: u64,
+    /// Bytes one cached token takes.
+    pub per_token: u64,
+    /// Keep finished sequences' caches for reuse.
+    pub prefix_cache: bool,
+}
+
+/// KV memory in use: running sequences' caches (charged for their whole capacity when they
+/// start) and the prefix store.
+struct KvState {
+    limits: KvBudget,
+    running: u64,
+    store: PrefixStore<KvCache>,
+}
+
+impl KvState {
+    fn used(&self) -> u64 {
+        self.running + self.store.bytes()
     }
+
+    fn publish(&self, counters: &Counters) {
+        counters.kv_used.store(self.used(), Ordering::Relaxed);
+    }
+
+    /// Evicts kept prefixes (never `keep`) until `bytes` more fit; false when they cannot.
+    fn make_room(&mut self, bytes: u64, keep: Option<u64>) -> bool {
+        while self.used() + bytes > self.limits.budget {
+            if self.store.evict_lru(keep).is_none() {
+                return false;
+            }
+        }
+        true
+    }
+}
+
+/// Takes a sequence out of the engine: counts its tokens and whether its client left, frees
+/// its KV memory (keeping its cache as a reusable prefix when there is room) and its queue
+/// slot, and only then sends its final event, so that a client that saw its stream end finds
+/// the counters and the queue depth already settled. Returns what ran the sequence.
+fn retire(counters: &Counters, kv: &mut KvState, seq: Sequence) -> Option<Box<dyn CausalLm>> {
+    if !seq.ended {
+        counters.cancelled.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(parent: &seq.span, generated = seq.generated, "client left; generation stopped");
+    }
+    counters
+        .tokens_generated
+        .fetch_add(seq.generated as u64, Ordering::Relaxed);
+    counters.active.fetch_sub(1, Ordering::Relaxed);
+    kv.running = kv.running.saturating_sub(seq.kv_bytes);
+    let failed = matches!(seq.last, Some(StreamEvent::Failed(_)));
+    let Sequence {
+        model,
+        mut tokens,
+        events,
+        last,
+        permit,
+        ..
+    } = seq;
+    let own = match model {
+        SeqModel::Own(model) => Some(model),
+        SeqModel::Batched(cache) => {
+            if kv.limits.prefix_cache && !failed && !cache.is_empty() {
+                // Keep the cache as it is when it is mostly full, else a copy without the
+                // spare room.
+                let cache = if cache.len() * 4 >= cache.capacity() * 3 {
+                    cache
+                } else {
+                    cache.compact()
+                };
+                let bytes = cache.capacity() as u64 * kv.limits.per_token;
+                if kv.make_room(bytes, None) {
+                    tokens.truncate(cache.len());
+                    kv.store.insert(tokens, cache, bytes);
+                }
+            }
+            None
+        }
+    };
+    kv.publish(counters);
+    drop(permit);
+    if let Some(event) = last {
+        let _ = events.send(event);
+    }
+    own
 }
 
 /// What the thread owns. One per engine thread, never moved around: the size difference between
@@ -112,6 +179,7 @@ pub(crate) struct Worker {
     /// Most prompt tokens one batched step takes (a longer prompt is processed in chunks
     /// between decode steps of the other sequences).
     pub prefill_chunk: usize,
+    pub kv: KvBudget,
     pub counters: Arc<Counters>,
     /// Dropped when the thread ends (the memory lease of the loaded model).
     pub guard: Box<dyn Send>,
@@ -149,6 +217,10 @@ struct Sequence {
     last: Option<StreamEvent>,
     /// Its place in the model's queue.
     permit: OwnedSemaphorePermit,
+    /// KV cache bytes charged to it.
+    kv_bytes: u64,
+    /// Prompt tokens whose KV came from the prefix cache.
+    cached_prompt_tokens: usize,
 }
 
 enum Step {
@@ -168,29 +240,59 @@ impl Worker {
         let mut batch = batched.map(|model| Batch {
             model,
             ws: Workspace::default(),
+            pacer: Pacer::default(),
         });
+        let mut kv = KvState {
+            limits: self.kv,
+            running: 0,
+            store: PrefixStore::default(),
+        };
         let mut active: Vec<Sequence> = Vec::new();
+        // A request that waits for KV memory; later ones wait behind it.
+        let mut waiting: Option<Job> = None;
         let mut open = true;
         loop {
-            if active.is_empty() {
+            if active.is_empty() && waiting.is_none() {
                 if !open {
                     break;
                 }
                 match self.jobs.blocking_recv() {
-                    Some(job) => self.admit(job, &mut active),
+                    Some(job) => waiting = Some(job),
                     None => break,
                 }
             }
-            while open && active.len() < self.capacity() {
-                match self.jobs.try_recv() {
-                    Ok(job) => self.admit(job, &mut active),
-                    Err(mpsc::error::TryRecvError::Empty) => break,
-                    Err(mpsc::error::TryRecvError::Disconnected) => open = false,
+            while active.len() < self.capacity() {
+                let job = match waiting.take() {
+                    Some(job) => job,
+                    None if !open => break,
+                    None => match self.jobs.try_recv() {
+                        Ok(job) => job,
+                        Err(mpsc::error::TryRecvError::Empty) => break,
+                        Err(mpsc::error::TryRecvError::Disconnected) => {
+                            open = false;
+                            break;
+                        }
+                    },
+                };
+                if let Some(job) = self.admit(job, &mut active, &mut kv) {
+                    waiting = Some(job);
+                    break;
                 }
             }
+            if active.is_empty() {
+                // Nothing runs and the waiting request still does not fit: it never will
+                // (the engine checks requests against the budget before queueing them).
+                if let Some(Job::Generate(job)) = waiting.take() {
+                    let _ = job.events.send(StreamEvent::Failed(format!(
+                        "the request's KV cache does not fit in the model's budget of {} bytes",
+                        kv.limits.budget
+                    )));
+                }
+                continue;
+            }
             match &mut batch {
-                Some(batch) => self.batched_turn(batch, &mut active),
-                None => self.turn(&mut active),
+                Some(batch) => self.batched_turn(batch, &mut active, &mut kv),
+                None => self.turn(&mut active, &mut kv),
             }
         }
         self.counters.active.store(0, Ordering::Relaxed);
@@ -208,7 +310,10 @@ impl Worker {
         }
     }
 
-    fn admit(&mut self, job: Job, active: &mut Vec<Sequence>) {
+    /// Starts a job: embeddings run at once; a generation becomes an active sequence, reusing
+    /// the longest prompt prefix cached by a kept or a running sequence. Returns the job when
+    /// its KV cache does not fit in the budget yet (it waits for running sequences to end).
+    fn admit(&mut self, job: Job, active: &mut Vec<Sequence>, kv: &mut KvState) -> Option<Job> {
         match (job, &mut self.runner) {
             (Job::Embed(job), Runner::Embedder(embedder)) => {
                 let _enter = job.span.enter();
@@ -222,32 +327,89 @@ impl Worker {
             (Job::Generate(job), Runner::Generator { base, .. }) => {
                 if job.events.is_closed() {
                     self.counters.cancelled.fetch_add(1, Ordering::Relaxed);
-                    return;
+                    return None;
                 }
-                let max_len = job.prompt.len() + job.params.max_tokens;
-                let model = match base.as_ref() {
-                    Some(b) => match b.native() {
-                        Some(native) => Some(SeqModel::Batched(KvCache::new(
-                            &native.config,
-                            max_len.min(native.config.context_length.max(1)),
-                        ))),
-                        None if b.forkable() => b.fork(max_len).map(SeqModel::Own),
-                        // Cannot fork: lend the base model to this one sequence.
-                        None => base.take().map(SeqModel::Own),
-                    },
-                    None => None,
+                let native = base.as_ref().and_then(|b| b.native());
+                let context = native
+                    .as_ref()
+                    .map_or(usize::MAX, |m| m.config.context_length.max(1));
+                let capacity = (job.prompt.len() + job.params.max_tokens).min(context);
+                let kv_bytes = capacity as u64 * kv.limits.per_token;
+                // The longest prefix of the prompt that a kept or running sequence has cached
+                // (at least the prompt's last token is computed again: its logits are needed).
+                let reusable = job.prompt.len() - 1;
+                let kept = native.as_ref().and(kv.store.best(&job.prompt[..reusable]));
+                let running = native.as_ref().and_then(|_| {
+                    active
+                        .iter()
+                        .enumerate()
+                        .filter_map(|(i, seq)| {
+                            let SeqModel::Batched(cache) = &seq.model else {
+                                return None;
+                            };
+                            let n = cache.len().min(seq.tokens.len());
+                            Some((
+                                i,
+                                prefix::common_prefix(&seq.tokens[..n], &job.prompt[..reusable]),
+                            ))
+                        })
+                        .filter(|(_, n)| *n > 0)
+                        .max_by_key(|(_, n)| *n)
+                });
+                if !kv.make_room(kv_bytes, kept.map(|h| h.id)) {
+                    match kept {
+                        // Give up the hit rather than wait for memory it holds.
+                        Some(hit)
+                            if kv.used() - kv.store.bytes() + kv_bytes <= kv.limits.budget =>
+                        {
+                            kv.store.remove(hit.id);
+                            return self.admit(Job::Generate(job), active, kv);
+                        }
+                        _ => return Some(Job::Generate(job)),
+                    }
+                }
+                let mut cached = 0;
+                let model = match (base.as_ref(), native) {
+                    (Some(_), Some(native)) => {
+                        let mut cache = KvCache::new(&native.config, capacity);
+                        let from_running =
+                            running.filter(|(_, n)| kept.is_none_or(|h| *n > h.common));
+                        if let Some((i, n)) = from_running {
+                            let SeqModel::Batched(source) = &active[i].model else {
+                                unreachable!("filtered on batched sequences");
+                            };
+                            cache.copy_prefix_from(source, n);
+                            cached = n;
+                        } else if let Some(hit) = kept {
+                            cache.copy_prefix_from(kv.store.take_hit(hit.id), hit.common);
+                            cached = hit.common;
+                        }
+                        Some(SeqModel::Batched(cache))
+                    }
+                    (Some(b), None) if b.forkable() => b.fork(capacity).map(SeqModel::Own),
+                    // Cannot fork: lend the base model to this one sequence.
+                    (Some(_), None) => base.take().map(SeqModel::Own),
+                    (None, _) => None,
                 };
                 let Some(model) = model else {
                     let _ = job.events.send(StreamEvent::Failed(
                         "the model could not start a sequence".into(),
                     ));
-                    return;
+                    return None;
                 };
+                if cached > 0 {
+                    tracing::debug!(parent: &job.span, cached, prompt = job.prompt.len(), "prompt prefix reused from the KV cache");
+                    self.counters
+                        .cached_prompt_tokens
+                        .fetch_add(cached as u64, Ordering::Relaxed);
+                }
+                kv.running += kv_bytes;
+                kv.publish(&self.counters);
                 let prompt_len = job.prompt.len();
                 active.push(Sequence {
                     model,
                     tokens: job.prompt,
-                    fed: 0,
+                    fed: cached,
                     logits_buf: Vec::new(),
                     prompt_len,
                     generated: 0,
@@ -263,6 +425,8 @@ impl Worker {
                     ended: false,
                     last: None,
                     permit: job.permit,
+                    kv_bytes,
+                    cached_prompt_tokens: cached,
                 });
                 self.counters.active.fetch_add(1, Ordering::Relaxed);
             }
@@ -272,10 +436,11 @@ impl Worker {
                 ));
             }
         }
+        None
     }
 
     /// One forward pass for every active sequence.
-    fn turn(&mut self, active: &mut Vec<Sequence>) {
+    fn turn(&mut self, active: &mut Vec<Sequence>, kv: &mut KvState) {
         let Runner::Generator {
             base,
             tokenizer,
@@ -304,8 +469,8 @@ impl Worker {
             match outcome {
                 Step::Continue => i += 1,
                 Step::Done => {
-                    let model = self.counters.retire(active.swap_remove(i));
-                    if let (None, SeqModel::Own(mut model)) = (base.as_ref(), model) {
+                    let model = retire(&self.counters, kv, active.swap_remove(i));
+                    if let (None, Some(mut model)) = (base.as_ref(), model) {
                         // Give the lent model back, with an empty cache.
                         model.reset();
                         *base = Some(model);
@@ -320,13 +485,81 @@ impl Worker {
 struct Batch {
     model: Arc<Model>,
     ws: Workspace,
+    pacer: Pacer,
+}
+
+/// How long a step that carries a prompt chunk may take, in decode steps: running streams
+/// see at most this gap between two tokens while a long prompt is processed.
+const STALL_FACTOR: f64 = 2.0;
+/// The smallest prompt chunk (below it, per-step overheads dominate).
+const MIN_CHUNK: usize = 16;
+
+/// Sizes prompt chunks from measured step times, so that steps carrying a chunk take about
+/// [`STALL_FACTOR`] times a decode-only step while other sequences are decoding; with nobody
+/// decoding, prompts go at the largest chunk.
+#[derive(Debug, Default)]
+struct Pacer {
+    /// Seconds of a step without prompt tokens (moving average).
+    decode: Option<f64>,
+    /// Seconds a prompt token adds to a step (moving average).
+    per_token: Option<f64>,
+}
+
+impl Pacer {
+    const ALPHA: f64 = 0.3;
+
+    fn average(slot: &mut Option<f64>, sample: f64) {
+        *slot = Some(match *slot {
+            Some(old) => old + Self::ALPHA * (sample - old),
+            None => sample,
+        });
+    }
+
+    /// Prompt tokens the next step may carry, at most `max`, with `decoding` sequences past
+    /// their prompts.
+    fn chunk(&self, max: usize, decoding: usize) -> usize {
+        if decoding == 0 {
+            return max;
+        }
+        let floor = MIN_CHUNK.min(max);
+        match (self.decode, self.per_token) {
+            (Some(decode), Some(per_token)) if per_token > 0.0 => {
+                let room = (STALL_FACTOR - 1.0) * decode / per_token;
+                (room as usize).clamp(floor, max)
+            }
+            _ => floor,
+        }
+    }
+
+    /// Learns from a step of `prompt_tokens` prompt tokens and `decoding` decode tokens that
+    /// took `secs`.
+    fn record(&mut self, prompt_tokens: usize, decoding: usize, secs: f64) {
+        if prompt_tokens == 0 {
+            if decoding > 0 {
+                Self::average(&mut self.decode, secs);
+            }
+            return;
+        }
+        let base = if decoding > 0 {
+            match self.decode {
+                Some(decode) => decode,
+                None => return,
+            }
+        } else {
+            0.0
+        };
+        Self::average(
+            &mut self.per_token,
+            (secs - base).max(0.0) / prompt_tokens as f64,
+        );
+    }
 }
 
 impl Worker {
     /// One forward pass over every active sequence: a decode token for each sequence past its
     /// prompt, and prompt chunks (at most `prefill_chunk` tokens in all) for the others; then
     /// a token is sampled for every sequence whose prompt is now fully in its cache.
-    fn batched_turn(&mut self, batch: &mut Batch, active: &mut Vec<Sequence>) {
+    fn batched_turn(&mut self, batch: &mut Batch, active: &mut Vec<Sequence>, kv: &mut KvState) {
         let Runner::Generator {
             tokenizer,
             eos_ids,
@@ -340,7 +573,7 @@ impl Worker {
         let mut i = 0;
         while i < active.len() {
             if active[i].events.is_closed() {
-                self.counters.retire(active.swap_remove(i));
+                retire(&self.counters, kv, active.swap_remove(i));
             } else {
                 i += 1;
             }
@@ -350,7 +583,8 @@ impl Worker {
         }
         // How many new tokens each sequence feeds this step.
         let mut feed = vec![0usize; active.len()];
-        let mut prompt_budget = self.prefill_chunk.max(1);
+        let decoding = active.iter().filter(|s| s.fed >= s.prompt_len).count();
+        let mut prompt_budget = batch.pacer.chunk(self.prefill_chunk.max(1), decoding);
         for (f, seq) in feed.iter_mut().zip(active.iter()) {
             let pending = seq.tokens.len() - seq.fed;
             if seq.fed >= seq.prompt_len {
@@ -375,8 +609,11 @@ impl Worker {
             });
             rows.push(i);
         }
-        let Batch { model, ws } = batch;
+        let prompt_tokens: usize = feed.iter().sum::<usize>() - decoding;
+        let Batch { model, ws, pacer } = batch;
+        let started = Instant::now();
         let result = kernels::in_pool(|| model.forward(&mut steps, ws));
+        pacer.record(prompt_tokens, decoding, started.elapsed().as_secs_f64());
         drop(steps);
         let vocab = model.config.vocab;
         let mut ended = vec![false; active.len()];
@@ -408,7 +645,7 @@ impl Worker {
         }
         for i in (0..active.len()).rev() {
             if ended[i] {
-                self.counters.retire(active.swap_remove(i));
+                retire(&self.counters, kv, active.swap_remove(i));
             }
         }
     }
@@ -549,8 +786,44 @@ impl Sequence {
             tokens_per_second,
             text: std::mem::take(&mut self.output),
             stop_sequence: stop,
+            cached_prompt_tokens: self.cached_prompt_tokens,
         });
         self.conclude(done);
         Step::Done
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_pacer_sizes_chunks_to_keep_decode_steps_within_the_stall_factor() {
+        let mut pacer = Pacer::default();
+        // Nobody decoding: the largest chunk. Nothing measured yet: the smallest.
+        assert_eq!(pacer.chunk(256, 0), 256);
+        assert_eq!(pacer.chunk(256, 4), MIN_CHUNK);
+        assert_eq!(pacer.chunk(8, 4), 8);
+        // Decode steps of 40 ms; a prompt token adds 1 ms.
+        for _ in 0..20 {
+            pacer.record(0, 4, 0.040);
+            pacer.record(64, 4, 0.040 + 0.064);
+        }
+        let chunk = pacer.chunk(256, 4);
+        let expected = ((STALL_FACTOR - 1.0) * 40.0) as usize;
+        assert!(chunk.abs_diff(expected) <= 1, "{chunk} vs {expected}");
+        // The chunk's step stays within the stall factor of a decode step.
+        assert!(0.040 + chunk as f64 * 0.001 <= STALL_FACTOR * 0.040 + 1e-3);
+        // Faster prompt tokens: bigger chunks, up to the configured maximum.
+        for _ in 0..20 {
+            pacer.record(64, 4, 0.040 + 0.0064);
+        }
+        assert_eq!(pacer.chunk(256, 4), 256);
+        assert_eq!(pacer.chunk(100, 4), 100);
+        // Prompt-only steps teach the per-token cost too.
+        let mut fresh = Pacer::default();
+        fresh.record(100, 0, 0.5);
+        fresh.record(0, 2, 0.05);
+        assert_eq!(fresh.chunk(256, 2), 16);
     }
 }

@@ -305,23 +305,36 @@ impl Registry {
         let started = Instant::now();
         let cache = self.0.cache.clone();
         let dtype = spec.dtype.or(self.0.settings.load.dtype);
+        let device = spec
+            .device
+            .clone()
+            .unwrap_or_else(|| self.0.settings.load.device.clone());
+        let estimate_device = device.clone();
         // Resolve, guard, and size the snapshot off the runtime (blocking file I/O).
-        let (snapshot, bytes) = tokio::task::spawn_blocking(move || -> Result<_, ManagerError> {
-            let snapshot = cache.resolve(&model_ref)?;
-            let report = snapshot::is_snapshot_complete(&snapshot.path)?;
-            for warning in &report.problems {
-                tracing::warn!(file = %warning.file, kind = %warning.kind, detail = %warning.detail, "snapshot warning");
-            }
-            let bytes = engine::estimate_memory(&snapshot.path, dtype)?;
-            Ok((snapshot, bytes))
-        })
-        .await??;
+        let (snapshot, estimate) =
+            tokio::task::spawn_blocking(move || -> Result<_, ManagerError> {
+                let snapshot = cache.resolve(&model_ref)?;
+                let report = snapshot::is_snapshot_complete(&snapshot.path)?;
+                for warning in &report.problems {
+                    tracing::warn!(file = %warning.file, kind = %warning.kind, detail = %warning.detail, "snapshot warning");
+                }
+                let estimate = engine::estimate_memory(&snapshot.path, dtype, &estimate_device)?;
+                Ok((snapshot, estimate))
+            })
+            .await??;
+        // The weights, and KV caches for --max-concurrent sequences at full context length
+        // (less when the whole budget cannot hold that: requests then wait for room, and one
+        // that can never fit is refused with the numbers).
+        let settings = &self.0.settings;
+        let kv_bytes = estimate
+            .kv_for(settings.load.max_concurrent.max(1))
+            .min(settings.memory_budget.saturating_sub(estimate.weights));
+        let bytes = estimate.weights + kv_bytes;
         let lease = self.reserve(key, bytes).await?;
         let mut options = self.0.settings.load.clone();
         options.dtype = dtype;
-        if let Some(device) = spec.device {
-            options.device = device;
-        }
+        options.device = device;
+        options.kv_budget = Some(kv_bytes);
         let path = snapshot.path.clone();
         let engine =
             tokio::task::spawn_blocking(move || engine::load(&path, &options, Box::new(lease)))
@@ -331,7 +344,7 @@ impl Registry {
             other => other,
         };
         let load_time = started.elapsed();
-        tracing::info!(model = %key, ?load_time, memory_bytes = bytes, architecture = %engine.description().architecture, "model loaded");
+        tracing::info!(model = %key, ?load_time, memory_bytes = bytes, kv_cache_bytes = kv_bytes, architecture = %engine.description().architecture, "model loaded");
         Ok(Arc::new(LoadedModel {
             key: key.clone(),
             engine,

@@ -177,6 +177,12 @@ fn sample_gauges(manager: &Manager, known: &std::sync::Mutex<std::collections::H
                 .set(stats.in_flight as f64);
             ::metrics::gauge!("lmx_active_sequences", "model" => key.clone())
                 .set(stats.active as f64);
+            ::metrics::gauge!("lmx_kv_cache_bytes", "model" => key.clone())
+                .set(model.engine.description().kv_cache_bytes as f64);
+            ::metrics::gauge!("lmx_kv_cache_used_bytes", "model" => key.clone())
+                .set(stats.kv_cache_used_bytes as f64);
+            ::metrics::counter!("lmx_prompt_tokens_cached_total", "model" => key.clone())
+                .absolute(stats.cached_prompt_tokens);
             seen.insert(key);
         }
     }
@@ -185,6 +191,8 @@ fn sample_gauges(manager: &Manager, known: &std::sync::Mutex<std::collections::H
         ::metrics::gauge!("lmx_model_memory_bytes", "model" => gone.clone()).set(0.0);
         ::metrics::gauge!("lmx_queue_depth", "model" => gone.clone()).set(0.0);
         ::metrics::gauge!("lmx_active_sequences", "model" => gone.clone()).set(0.0);
+        ::metrics::gauge!("lmx_kv_cache_bytes", "model" => gone.clone()).set(0.0);
+        ::metrics::gauge!("lmx_kv_cache_used_bytes", "model" => gone.clone()).set(0.0);
     }
     *known = seen;
     ::metrics::gauge!("lmx_models_loaded").set(loaded as f64);

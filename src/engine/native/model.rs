@@ -46,6 +46,7 @@ pub struct KvCache {
     values_t: Vec<f32>,
     head_dim: usize,
     kv_heads: usize,
+    layers: usize,
 }
 
 impl KvCache {
@@ -59,6 +60,7 @@ impl KvCache {
             values_t: vec![0.0; size],
             head_dim: config.head_dim,
             kv_heads: config.kv_heads,
+            layers: config.layers,
         }
     }
 
@@ -67,9 +69,76 @@ impl KvCache {
         self.len
     }
 
+    /// Whether it holds no tokens.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
     /// Forgets everything from position `len` on.
     pub fn truncate(&mut self, len: usize) {
         self.len = self.len.min(len);
+    }
+
+    /// Positions it has room for.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Bytes its buffers take (allocated for the whole capacity).
+    pub fn bytes(&self) -> u64 {
+        ((self.keys.len() + self.values_t.len()) * std::mem::size_of::<f32>()) as u64
+    }
+
+    /// Bytes one cached position takes for `config`.
+    pub fn bytes_per_token(config: &NativeConfig) -> u64 {
+        (2 * config.layers * config.kv_heads * config.head_dim * std::mem::size_of::<f32>()) as u64
+    }
+
+    /// Replaces this cache's contents with the first `n` positions of `other` (a prefix that
+    /// both sequences share: their keys and values there are the same).
+    ///
+    /// # Panics
+    /// When `n` exceeds what `other` holds or what this cache has room for, or the two caches
+    /// belong to models of different shapes.
+    pub fn copy_prefix_from(&mut self, other: &KvCache, n: usize) {
+        assert!(
+            n <= other.len && n <= self.capacity,
+            "copying {n} positions: the source holds {}, the destination has room for {}",
+            other.len,
+            self.capacity
+        );
+        assert_eq!(
+            (self.layers, self.kv_heads, self.head_dim),
+            (other.layers, other.kv_heads, other.head_dim),
+            "caches of different model shapes"
+        );
+        let hd = self.head_dim;
+        let heads = self.layers * self.kv_heads;
+        for h in 0..heads {
+            let (dst, src) = (h * self.capacity * hd, h * other.capacity * hd);
+            self.keys[dst..dst + n * hd].copy_from_slice(&other.keys[src..src + n * hd]);
+            for d in 0..hd {
+                let (dst, src) = (dst + d * self.capacity, src + d * other.capacity);
+                self.values_t[dst..dst + n].copy_from_slice(&other.values_t[src..src + n]);
+            }
+        }
+        self.len = n;
+    }
+
+    /// A copy of what it holds, with no spare room (for keeping a finished sequence's prefix).
+    pub fn compact(&self) -> KvCache {
+        let size = self.layers * self.kv_heads * self.head_dim * self.len;
+        let mut out = KvCache {
+            capacity: self.len,
+            len: 0,
+            keys: vec![0.0; size],
+            values_t: vec![0.0; size],
+            head_dim: self.head_dim,
+            kv_heads: self.kv_heads,
+            layers: self.layers,
+        };
+        out.copy_prefix_from(self, self.len);
+        out
     }
 
     fn head_offset(&self, layer: usize, head: usize) -> usize {
