@@ -11,7 +11,8 @@ use crate::measure::Sample;
 /// engine's greedy choice is clear (" step", ahead by 6 logits in f32 and Q4_1), so the token
 /// agreement column means something; the continuation runs past 128 tokens without an
 /// end-of-sequence token, which lmx cannot ignore.
-const TEXT: &str = "Large language models are neural networks trained on vast amounts of written \
+pub const TEXT: &str =
+    "Large language models are neural networks trained on vast amounts of written \
 text. They predict the next token given the previous ones, and by repeating that prediction they \
 can write essays, answer questions, translate between human languages and produce useful computer \
 programs. Serving them efficiently requires careful management of memory, batching of requests \
@@ -48,12 +49,17 @@ impl Local {
     /// A prefix of [`TEXT`] that tokenizes to exactly `tokens` tokens: cut at a token boundary
     /// and checked by tokenizing the cut text again (a cut inside a word may tokenize otherwise).
     pub fn exact_prompt(&self, tokens: usize) -> Result<ExactPrompt, String> {
+        self.exact_prompt_from(TEXT, tokens)
+    }
+
+    /// A prefix of `source` that tokenizes to exactly `tokens` tokens.
+    pub fn exact_prompt_from(&self, source: &str, tokens: usize) -> Result<ExactPrompt, String> {
         let pieces = self
             .engine
-            .tokenize(TEXT, false)
+            .tokenize(source, false)
             .map_err(|e| e.to_string())?;
         for end in (tokens..=pieces.len()).chain((1..tokens).rev()) {
-            let text = &TEXT[..pieces[end - 1].end];
+            let text = &source[..pieces[end - 1].end];
             let ids = self.ids(text)?;
             if ids.len() == tokens {
                 return Ok(ExactPrompt {

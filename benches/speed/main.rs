@@ -22,11 +22,12 @@
 //! disturbed attempt kept: figures taken next to a build are low, and the report says so
 //! instead of printing them as if clean.
 //!
-//! Room to grow: concurrency figures (N streams at once: aggregate tok/s, p50/p99 inter-token
-//! latency) need no new measuring code: [`Sample`] keeps every token's arrival time, `Server`
-//! can run N `generate` futures on its runtime, and the peers' script can take a stream count;
-//! they would be one more measuring loop here and one more table in `report`.
+//! Then concurrent streams (`concurrency.rs`): 1, 2, 4, 8 and 16 clients at once through `lmx
+//! serve` against llama.cpp's batched decoding, and a 2,000-token prompt arriving while 4
+//! streams decode. LMX_BENCH_ONLY=single or =concurrency runs one part; LMX_BENCH_STREAMS and
+//! LMX_BENCH_CONC_TOKENS set the stream counts and the tokens each stream generates.
 
+mod concurrency;
 mod lmx_local;
 mod machine;
 mod measure;
@@ -62,7 +63,7 @@ struct Settings {
     retry_until: Instant,
 }
 
-fn env_usize(name: &str, default: usize) -> usize {
+pub fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name)
         .ok()
         .and_then(|v| v.parse().ok())
@@ -111,8 +112,42 @@ fn main() {
     let machine = machine::Machine::detect();
     let mut report = Report::default();
     let mut versions = Vec::new();
+    let only = std::env::var("LMX_BENCH_ONLY").unwrap_or_default();
+    let conc = concurrency::Settings::from_env(settings.runs, settings.threads);
+    let mut conc_rows = Vec::new();
+    let mut interference = Vec::new();
     for set in &sets {
-        bench_weights(set, &settings, peers.as_ref(), &mut report, &mut versions);
+        let local = Local::load(&set.lmx_dir);
+        let prompts = local.as_ref().map_err(Clone::clone).and_then(|l| {
+            concurrency::Prompts::make(l, conc.streams.iter().copied().max().unwrap_or(1).max(4))
+        });
+        drop(local);
+        if only != "concurrency" {
+            bench_weights(set, &settings, peers.as_ref(), &mut report, &mut versions);
+        }
+        if only == "single" {
+            continue;
+        }
+        match prompts {
+            Ok(prompts) => {
+                eprintln!("speed: {} concurrent streams ...", set.weights.label());
+                let (row, inter) = concurrency::lmx(set.weights, &set.lmx_dir, &prompts, &conc);
+                conc_rows.push(row);
+                interference.push(inter);
+                conc_rows.push(concurrency::llama(
+                    set.weights,
+                    &set.gguf,
+                    peers.as_ref(),
+                    &prompts,
+                    &conc,
+                ));
+            }
+            Err(e) => conc_rows.push(concurrency::Row {
+                weights: set.weights,
+                engine: concurrency::LMX,
+                outcome: Err(e),
+            }),
+        }
     }
 
     println!();
@@ -126,7 +161,12 @@ fn main() {
         "{} new tokens, greedy; medians of {} runs after 1 warm-up; {} threads per engine.",
         settings.new_tokens, settings.runs, settings.threads
     );
-    report.print();
+    if only != "concurrency" {
+        report.print();
+    }
+    if only != "single" {
+        concurrency::print(&conc_rows, &interference, &conc);
+    }
 }
 
 /// The folders and files every engine loads, converted once and kept under `models`.

@@ -116,6 +116,63 @@ impl Peers {
     }
 }
 
+impl Peers {
+    /// llama.cpp's batched decoding of the first `streams` of `prompts` at once: per measured
+    /// run, one sample per stream.
+    pub fn run_batched(
+        &self,
+        gguf: &Path,
+        prompts: &[Vec<u32>],
+        new_tokens: usize,
+        runs: usize,
+        threads: usize,
+        streams: usize,
+    ) -> Result<Vec<Vec<Sample>>, String> {
+        let file = tempfile::NamedTempFile::new().map_err(|e| e.to_string())?;
+        std::fs::write(file.path(), serde_json::json!(prompts).to_string())
+            .map_err(|e| e.to_string())?;
+        let args = [
+            new_tokens.to_string(),
+            runs.to_string(),
+            threads.to_string(),
+            streams.to_string(),
+        ];
+        let v = self.call(&[
+            "llama-batched".as_ref(),
+            gguf.as_os_str(),
+            file.path().as_os_str(),
+            args[0].as_ref(),
+            args[1].as_ref(),
+            args[2].as_ref(),
+            args[3].as_ref(),
+        ])?;
+        v["runs"]
+            .as_array()
+            .ok_or("peers.py: no runs")?
+            .iter()
+            .map(|run| {
+                run["streams"]
+                    .as_array()
+                    .ok_or_else(|| "peers.py: a run without streams".to_owned())
+                    .map(|streams| {
+                        streams
+                            .iter()
+                            .zip(prompts)
+                            .map(|(s, prompt)| Sample {
+                                token_times: floats(&s["token_times_s"]),
+                                token_ids: floats(&s["token_ids"])
+                                    .into_iter()
+                                    .map(|f| f as u32)
+                                    .collect(),
+                                prompt_tokens: prompt.len(),
+                            })
+                            .collect()
+                    })
+            })
+            .collect()
+    }
+}
+
 fn floats(v: &Value) -> Vec<f64> {
     v.as_array()
         .map(|a| a.iter().filter_map(Value::as_f64).collect())

@@ -9,7 +9,10 @@ use std::{
     net::SocketAddr,
     path::Path,
     process::{Child, Command, Stdio},
-    sync::mpsc,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        mpsc, Arc,
+    },
     time::{Duration, Instant},
 };
 
@@ -28,10 +31,16 @@ pub struct Server {
 impl Server {
     /// Starts `bin serve` with an empty cache and waits for its "lmx listening" log line.
     pub fn start(bin: &Path, cache: &Path) -> Result<Server, String> {
+        Self::start_with(bin, cache, &[])
+    }
+
+    /// [`Server::start`] with more `serve` flags.
+    pub fn start_with(bin: &Path, cache: &Path, flags: &[&str]) -> Result<Server, String> {
         let mut command = Command::new(bin);
         command
             .args(["--log-format", "json", "--log-filter", "info", "serve"])
             .args(["--listen", "127.0.0.1:0", "--drain-timeout", "2s"])
+            .args(flags)
             .arg("--cache-dir")
             .arg(cache)
             .stdin(Stdio::null())
@@ -141,6 +150,93 @@ impl Server {
         prompt: &str,
         new_tokens: usize,
     ) -> Result<Sample, String> {
+        let stream = self.stream(model_id, prompt, new_tokens, Instant::now(), None);
+        self.runtime.block_on(stream)
+    }
+
+    /// One greedy Generate per prompt, all at once; times count from their common start.
+    pub fn generate_many(
+        &self,
+        model_id: &str,
+        prompts: &[&str],
+        new_tokens: usize,
+    ) -> Result<Vec<Sample>, String> {
+        let start = Instant::now();
+        let streams: Vec<_> = prompts
+            .iter()
+            .map(|p| self.stream(model_id, p, new_tokens, start, None))
+            .collect();
+        self.runtime.block_on(async move {
+            let mut set = tokio::task::JoinSet::new();
+            for (i, s) in streams.into_iter().enumerate() {
+                set.spawn(async move { (i, s.await) });
+            }
+            let mut out: Vec<Option<Sample>> = vec![None; prompts.len()];
+            while let Some(joined) = set.join_next().await {
+                let (i, sample) = joined.map_err(|e| e.to_string())?;
+                out[i] = Some(sample?);
+            }
+            Ok(out
+                .into_iter()
+                .map(|s| s.expect("every stream joined"))
+                .collect())
+        })
+    }
+
+    /// `prompts` stream `new_tokens` each; once every one has `after` tokens, `long` is sent
+    /// (one new token). Returns the streams' samples, when `long` was sent and when its token
+    /// came, all in seconds from the start.
+    pub fn interfere(
+        &self,
+        model_id: &str,
+        prompts: &[&str],
+        new_tokens: usize,
+        after: usize,
+        long: &str,
+    ) -> Result<(Vec<Sample>, f64, f64), String> {
+        let start = Instant::now();
+        let counts: Vec<Arc<AtomicUsize>> = prompts
+            .iter()
+            .map(|_| Arc::new(AtomicUsize::new(0)))
+            .collect();
+        let streams: Vec<_> = prompts
+            .iter()
+            .zip(&counts)
+            .map(|(p, c)| self.stream(model_id, p, new_tokens, start, Some(c.clone())))
+            .collect();
+        let long = self.stream(model_id, long, 1, start, None);
+        self.runtime.block_on(async move {
+            let mut set = tokio::task::JoinSet::new();
+            for (i, s) in streams.into_iter().enumerate() {
+                set.spawn(async move { (i, s.await) });
+            }
+            while counts.iter().any(|c| c.load(Ordering::Relaxed) < after) {
+                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            }
+            let sent = start.elapsed().as_secs_f64();
+            let long = long.await?;
+            let mut out: Vec<Option<Sample>> = vec![None; prompts.len()];
+            while let Some(joined) = set.join_next().await {
+                let (i, sample) = joined.map_err(|e| e.to_string())?;
+                out[i] = Some(sample?);
+            }
+            let samples = out
+                .into_iter()
+                .map(|s| s.expect("every stream joined"))
+                .collect();
+            Ok((samples, sent, long.ttft()))
+        })
+    }
+
+    /// A Generate call as a future, timed from `start`; `count` follows its tokens.
+    fn stream(
+        &self,
+        model_id: &str,
+        prompt: &str,
+        new_tokens: usize,
+        start: Instant,
+        count: Option<Arc<AtomicUsize>>,
+    ) -> impl std::future::Future<Output = Result<Sample, String>> + Send + 'static {
         let mut client = pb::inference_client::InferenceClient::new(self.channel.clone());
         let request = pb::GenerateRequest {
             model_id: model_id.into(),
@@ -153,8 +249,7 @@ impl Server {
             }),
             add_special_tokens: false,
         };
-        self.runtime.block_on(async move {
-            let start = Instant::now();
+        async move {
             let mut stream = client
                 .generate(request)
                 .await
@@ -170,6 +265,9 @@ impl Server {
                     Some(pb::generate_response::Item::Token(t)) => {
                         token_times.push(start.elapsed().as_secs_f64());
                         token_ids.push(t.id);
+                        if let Some(count) = &count {
+                            count.fetch_add(1, Ordering::Relaxed);
+                        }
                     }
                     Some(pb::generate_response::Item::Completion(c)) => {
                         prompt_tokens = c.prompt_tokens as usize;
@@ -182,7 +280,7 @@ impl Server {
                 token_ids,
                 prompt_tokens,
             })
-        })
+        }
     }
 }
 

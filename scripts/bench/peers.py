@@ -7,6 +7,12 @@ Subcommands, each printing one JSON object on stdout (progress and library chatt
       llama.cpp through llama-cpp-python: greedy generation from the prompt's token ids.
   transformers MODEL_DIR PROMPT.json NEW_TOKENS RUNS THREADS
       transformers + torch in f32 on CPU: greedy decoding with the KV cache.
+  llama-batched MODEL.gguf PROMPTS.json NEW_TOKENS RUNS THREADS STREAMS
+      llama.cpp's own continuous batching (its C API through llama-cpp-python, as its `batched`
+      example and server do): STREAMS sequences, each with its own prompt (PROMPTS.json is a list
+      of id lists) and KV sequence id; the prompts go in shared batches of up to 512 tokens, then
+      every step decodes one token of every sequence in one llama_decode call. Greedy (argmax of
+      each sequence's logits), no end-of-sequence stop.
   f32-gguf SRC.gguf DST.gguf
       Writes DST: every tensor of SRC dequantized to F32, the same names and metadata.
 
@@ -73,6 +79,89 @@ def llama(model: str, prompt_file: str, new_tokens: int, runs: int, threads: int
         "prompt_tokens": len(ids),
         "own_tokenizer_agrees": own_ids == ids,
         "runs": _runs(once, runs),
+    }
+
+
+def llama_batched(model: str, prompts_file: str, new_tokens: int, runs: int, threads: int, streams: int) -> dict:
+    import ctypes
+
+    import llama_cpp
+    import numpy as np
+
+    prompts = json.load(open(prompts_file))[:streams]
+    if len(prompts) < streams:
+        sys.exit(f"{prompts_file} has {len(prompts)} prompts, not {streams}")
+    llama_cpp.llama_backend_init()
+    model_p = llama_cpp.llama_model_load_from_file(model.encode(), llama_cpp.llama_model_default_params())
+    params = llama_cpp.llama_context_default_params()
+    longest = max(len(p) for p in prompts) + new_tokens + 8
+    params.n_ctx = longest * streams
+    params.n_batch = 512
+    params.n_ubatch = 512
+    params.n_seq_max = streams
+    params.n_threads = threads
+    params.n_threads_batch = threads
+    ctx = llama_cpp.llama_init_from_model(model_p, params)
+    vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(model_p))
+    batch = llama_cpp.llama_batch_init(512, 0, streams)
+
+    def decode(entries):
+        """entries: (token, pos, seq, wants_logits); returns {seq: argmax} for those wanting logits."""
+        out = {}
+        for start in range(0, len(entries), 512):
+            chunk = entries[start:start + 512]
+            for i, (token, pos, seq, logits) in enumerate(chunk):
+                batch.token[i] = token
+                batch.pos[i] = pos
+                batch.n_seq_id[i] = 1
+                batch.seq_id[i][0] = seq
+                batch.logits[i] = logits
+            batch.n_tokens = len(chunk)
+            if llama_cpp.llama_decode(ctx, batch) != 0:
+                sys.exit("llama_decode failed")
+            for i, (_, _, seq, logits) in enumerate(chunk):
+                if logits:
+                    row = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, i), shape=(vocab,))
+                    out[seq] = int(row.argmax())
+        return out
+
+    def once():
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
+        times = [[] for _ in prompts]
+        ids = [[] for _ in prompts]
+        start = time.perf_counter()
+        entries = [
+            (token, pos, seq, pos == len(p) - 1)
+            for seq, p in enumerate(prompts)
+            for pos, token in enumerate(p)
+        ]
+        last = decode(entries)
+        now = time.perf_counter() - start
+        for seq, token in last.items():
+            times[seq].append(now)
+            ids[seq].append(token)
+        for step in range(1, new_tokens):
+            last = decode([(ids[s][-1], len(prompts[s]) + step - 1, s, True) for s in range(streams)])
+            now = time.perf_counter() - start
+            for seq, token in last.items():
+                times[seq].append(now)
+                ids[seq].append(token)
+        return times, ids
+
+    once()
+    out = []
+    for _ in range(runs):
+        times, ids = once()
+        out.append({"streams": [{"token_times_s": t, "token_ids": i} for t, i in zip(times, ids)]})
+    llama_cpp.llama_batch_free(batch)
+    llama_cpp.llama_free(ctx)
+    llama_cpp.llama_model_free(model_p)
+    return {
+        "engine": "llama.cpp batched",
+        "version": f"llama-cpp-python {llama_cpp.__version__}",
+        "threads": threads,
+        "streams": streams,
+        "runs": out,
     }
 
 
@@ -152,6 +241,8 @@ def main() -> None:
         result = llama(args[0], args[1], int(args[2]), int(args[3]), int(args[4]))
     elif command == "transformers":
         result = transformers(args[0], args[1], int(args[2]), int(args[3]), int(args[4]))
+    elif command == "llama-batched":
+        result = llama_batched(args[0], args[1], int(args[2]), int(args[3]), int(args[4]), int(args[5]))
     elif command == "f32-gguf":
         result = f32_gguf(args[0], args[1])
     else:
