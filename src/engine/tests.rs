@@ -819,3 +819,59 @@ fn kv_memory_is_budgeted_refused_with_numbers_or_waited_for() {
     }
     assert_eq!(got, solo);
 }
+
+/// One of four batched streams is cancelled mid-way: it frees its slot and KV memory at once,
+/// and the other three still equal their solo runs.
+#[test]
+fn a_cancelled_stream_leaves_the_batch_and_the_others_are_unaffected() {
+    let dir = tempfile::tempdir().unwrap();
+    write_llama_without_eos(dir.path());
+    let engine = load_tiny(
+        dir.path(),
+        &LoadOptions {
+            max_concurrent: 4,
+            prefix_cache: false,
+            ..LoadOptions::default()
+        },
+    );
+    let prompts = ["alpha beta", "gamma", "delta epsilon zeta", "eta"];
+    let solo: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| ids(&collect(&*engine, text(p), &greedy(60)).0))
+        .collect();
+    let idle_kv = engine.stats().kv_cache_used_bytes;
+    assert_eq!(idle_kv, 0, "nothing kept without a prefix cache");
+    let mut streams: Vec<_> = prompts
+        .iter()
+        .map(|p| Some(engine.generate(text(p), &greedy(60)).unwrap()))
+        .collect();
+    // Everyone is decoding; then the second client leaves.
+    let firsts: Vec<u32> = streams
+        .iter_mut()
+        .map(|s| match s.as_mut().unwrap().blocking_recv() {
+            Some(StreamEvent::Token(t)) => t.id,
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    let running_kv = engine.stats().kv_cache_used_bytes;
+    streams[1] = None;
+    wait_until("the cancelled stream to leave", || {
+        let stats = engine.stats();
+        stats.in_flight == 3 && stats.kv_cache_used_bytes < running_kv
+    });
+    assert_eq!(engine.stats().cancelled, 1);
+    for (i, s) in streams.into_iter().enumerate() {
+        let Some(mut rx) = s else { continue };
+        let mut got = vec![firsts[i]];
+        loop {
+            match rx.blocking_recv().expect("completion") {
+                StreamEvent::Token(t) => got.push(t.id),
+                StreamEvent::Done(_) => break,
+                StreamEvent::Failed(e) => panic!("{e}"),
+            }
+        }
+        assert_eq!(got, solo[i], "stream {i}");
+    }
+    wait_until("every sequence to end", || engine.stats().in_flight == 0);
+    assert_eq!(engine.stats().kv_cache_used_bytes, 0);
+}
