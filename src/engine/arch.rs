@@ -34,6 +34,12 @@ pub trait CausalLm: Send {
     fn forkable(&self) -> bool {
         true
     }
+    /// The candle batched model this instance runs on (GPU devices), if any: its sequences
+    /// are batched into one forward pass per step.
+    fn candle(&self) -> Option<Arc<native::CandleModel>> {
+        None
+    }
+
     /// The shared native model, when this is one: its sequences are batched into one forward
     /// pass per step instead of each running its own.
     fn native(&self) -> Option<Arc<native::Model>> {
@@ -206,6 +212,24 @@ fn candle(context: &str) -> impl Fn(candle_core::Error) -> EngineError + '_ {
     move |e| EngineError::Load(format!("{context}: {e}"))
 }
 
+#[cfg(test)]
+thread_local! {
+    /// Tests: load the llama family on the candle batched model (the GPU path) on the CPU, for
+    /// models loaded on this thread.
+    pub(crate) static CANDLE_ON_CPU: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+fn candle_on_cpu() -> bool {
+    #[cfg(test)]
+    {
+        CANDLE_ON_CPU.with(|c| c.get())
+    }
+    #[cfg(not(test))]
+    {
+        false
+    }
+}
+
 pub(crate) fn context_length(config: &Value) -> usize {
     config
         .get("max_position_embeddings")
@@ -226,12 +250,24 @@ pub fn load_safetensors(
         .and_then(Value::as_str)
         .unwrap_or("")
         .to_owned();
-    if device.is_cpu() && native::enabled() {
+    if device.is_cpu() && native::enabled() && !candle_on_cpu() {
         if let Some(model) = native::load_safetensors(config, weights, dtype)? {
             return Ok(LoadedLm {
                 architecture: model_type,
                 context_length: model.config.context_length,
                 model: Box::new(native::NativeLm::base(model)),
+            });
+        }
+    }
+    if (!device.is_cpu() || candle_on_cpu()) && native::enabled() {
+        // GPUs: the llama family on lmx's batched candle model.
+        if let Ok(cfg) = NativeConfig::from_hf(config) {
+            let model = native::CandleModel::load_safetensors(cfg, weights, dtype, device)
+                .map_err(EngineError::Load)?;
+            return Ok(LoadedLm {
+                architecture: model_type,
+                context_length: model.config.context_length,
+                model: Box::new(native::CandleLm::base(model)),
             });
         }
     }
@@ -358,12 +394,22 @@ pub fn load_gguf(
     device: &Device,
 ) -> Result<LoadedLm, EngineError> {
     let (architecture, context_length) = gguf_architecture(&content);
-    if device.is_cpu() && native::enabled() {
+    if native::enabled() {
         match NativeConfig::from_gguf(&content) {
-            Ok(config) => {
+            Ok(config) if device.is_cpu() && !candle_on_cpu() => {
                 let model = native::load_gguf(config, path, content)?;
                 return Ok(LoadedLm {
                     model: Box::new(native::NativeLm::base(model)),
+                    architecture,
+                    context_length,
+                });
+            }
+            Ok(config) => {
+                // GPUs: the llama family on lmx's batched candle model.
+                let model = native::CandleModel::load_gguf(config, path, content, device)
+                    .map_err(EngineError::Load)?;
+                return Ok(LoadedLm {
+                    model: Box::new(native::CandleLm::base(model)),
                     architecture,
                     context_length,
                 });

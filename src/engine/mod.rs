@@ -7,6 +7,7 @@
 //! back on an unbounded per-request channel, so the engine thread never waits for a client.
 
 mod arch;
+mod batch;
 mod chat;
 mod embed;
 mod gguf_tokenizer;

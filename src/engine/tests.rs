@@ -875,3 +875,101 @@ fn a_cancelled_stream_leaves_the_batch_and_the_others_are_unaffected() {
     wait_until("every sequence to end", || engine.stats().in_flight == 0);
     assert_eq!(engine.stats().kv_cache_used_bytes, 0);
 }
+
+/// The GPU path's batched candle model, run on the CPU: concurrent greedy streams equal their
+/// solo runs and the native engine's, and a cached prefix gives the same output.
+#[test]
+fn the_candle_batched_path_batches_and_reuses_prefixes_like_the_native_one() {
+    let dir = tempfile::tempdir().unwrap();
+    tiny::write_model(dir.path(), "qwen2", 43);
+    let native = load_tiny(dir.path(), &LoadOptions::default());
+    arch::CANDLE_ON_CPU.with(|c| c.set(true));
+    let candle = load_tiny(
+        dir.path(),
+        &LoadOptions {
+            max_concurrent: 8,
+            ..LoadOptions::default()
+        },
+    );
+    arch::CANDLE_ON_CPU.with(|c| c.set(false));
+    let solo: Vec<Vec<u32>> = EIGHT_PROMPTS
+        .iter()
+        .map(|p| ids(&collect(&*native, text(p), &greedy(16)).0))
+        .collect();
+    let streams: Vec<_> = EIGHT_PROMPTS
+        .iter()
+        .map(|p| candle.generate(text(p), &greedy(16)).unwrap())
+        .collect();
+    for (i, mut rx) in streams.into_iter().enumerate() {
+        let mut got = Vec::new();
+        loop {
+            match rx.blocking_recv().expect("completion") {
+                StreamEvent::Token(t) => got.push(t.id),
+                StreamEvent::Done(_) => break,
+                StreamEvent::Failed(e) => panic!("{e}"),
+            }
+        }
+        assert_eq!(got, solo[i], "prompt {i}");
+    }
+    // Every prompt ran once: running one again reuses its kept prefix.
+    let (again, done) = collect(&*candle, text(EIGHT_PROMPTS[3]), &greedy(16));
+    assert_eq!(ids(&again), solo[3]);
+    assert!(done.cached_prompt_tokens > 0);
+}
+
+/// On a GPU (`--features cuda` and one present; skipped otherwise, a failure with
+/// LMX_REQUIRE_CUDA=1): the engine batches concurrent streams on the candle model there, each
+/// equal to the native CPU engine's solo run, and reuses a kept prefix.
+#[test]
+fn cuda_engine_batches_concurrent_streams_like_the_cpu_engine() {
+    let required = std::env::var("LMX_REQUIRE_CUDA").is_ok_and(|v| v == "1");
+    if !candle_core::utils::cuda_is_available() {
+        assert!(
+            !required,
+            "LMX_REQUIRE_CUDA=1 but this build has no cuda feature"
+        );
+        eprintln!("skipped: built without the cuda feature");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    tiny::write_model(dir.path(), "llama", 47);
+    let cpu = load_tiny(dir.path(), &LoadOptions::default());
+    let gpu = load_tiny(
+        dir.path(),
+        &LoadOptions {
+            device: "cuda".into(),
+            max_concurrent: 8,
+            ..LoadOptions::default()
+        },
+    );
+    let solo: Vec<Vec<u32>> = EIGHT_PROMPTS
+        .iter()
+        .map(|p| ids(&collect(&*cpu, text(p), &greedy(24)).0))
+        .collect();
+    let streams: Vec<_> = EIGHT_PROMPTS
+        .iter()
+        .map(|p| gpu.generate(text(p), &greedy(24)).unwrap())
+        .collect();
+    let mut agree = 0;
+    for (i, mut rx) in streams.into_iter().enumerate() {
+        let mut got = Vec::new();
+        loop {
+            match rx.blocking_recv().expect("completion") {
+                StreamEvent::Token(t) => got.push(t.id),
+                StreamEvent::Done(_) => break,
+                StreamEvent::Failed(e) => panic!("{e}"),
+            }
+        }
+        eprintln!(
+            "cuda batch prompt {i}: {} of {} tokens as on the CPU",
+            prefix::common_prefix(&got, &solo[i]),
+            solo[i].len()
+        );
+        agree += usize::from(got == solo[i]);
+    }
+    // f32 on a GPU sums in another order: a near tie may flip a token, not most streams.
+    assert!(agree >= 7, "{agree} of 8 streams equal the CPU run");
+    let (_, done) = collect(&*gpu, text(EIGHT_PROMPTS[3]), &greedy(8));
+    assert!(done.cached_prompt_tokens > 0);
+    assert!(gpu.stats().kv_cache_used_bytes > 0);
+}

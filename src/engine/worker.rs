@@ -21,9 +21,8 @@ use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit};
 
 use super::{
     arch::CausalLm,
+    batch::{Buffers, Cache, Part, Shared},
     embed::{Embedder, Embeddings},
-    kernels,
-    native::{KvCache, Model, Step as NativeStep, Workspace},
     prefix::{self, PrefixStore},
     sampling::Sampler,
     text::{StopMatcher, StopOutcome, TextStream},
@@ -85,7 +84,7 @@ pub(crate) struct KvBudget {
 struct KvState {
     limits: KvBudget,
     running: u64,
-    store: PrefixStore<KvCache>,
+    store: PrefixStore<Cache>,
 }
 
 impl KvState {
@@ -135,14 +134,7 @@ fn retire(counters: &Counters, kv: &mut KvState, seq: Sequence) -> Option<Box<dy
         SeqModel::Own(model) => Some(model),
         SeqModel::Batched(cache) => {
             if kv.limits.prefix_cache && !failed && !cache.is_empty() {
-                // Keep the cache as it is when it is mostly full, else a copy without the
-                // spare room.
-                let cache = if cache.len() * 4 >= cache.capacity() * 3 {
-                    cache
-                } else {
-                    cache.compact()
-                };
-                let bytes = cache.capacity() as u64 * kv.limits.per_token;
+                let (cache, bytes) = cache.keep(kv.limits.per_token);
                 if kv.make_room(bytes, None) {
                     tokens.truncate(cache.len());
                     kv.store.insert(tokens, cache, bytes);
@@ -189,8 +181,8 @@ pub(crate) struct Worker {
 enum SeqModel {
     /// Its own instance (candle-transformers models), one forward pass per turn.
     Own(Box<dyn CausalLm>),
-    /// A KV cache on the worker's shared native model: batched with the other sequences.
-    Batched(KvCache),
+    /// A KV cache on the worker's shared model: batched with the other sequences.
+    Batched(Cache),
 }
 
 struct Sequence {
@@ -234,12 +226,12 @@ impl Worker {
         let batched = match &self.runner {
             Runner::Generator {
                 base: Some(base), ..
-            } => base.native(),
+            } => Shared::of(base.as_ref()),
             _ => None,
         };
         let mut batch = batched.map(|model| Batch {
             model,
-            ws: Workspace::default(),
+            buffers: Buffers::default(),
             pacer: Pacer::default(),
         });
         let mut kv = KvState {
@@ -329,10 +321,10 @@ impl Worker {
                     self.counters.cancelled.fetch_add(1, Ordering::Relaxed);
                     return None;
                 }
-                let native = base.as_ref().and_then(|b| b.native());
+                let native = base.as_ref().and_then(|b| Shared::of(b.as_ref()));
                 let context = native
                     .as_ref()
-                    .map_or(usize::MAX, |m| m.config.context_length.max(1));
+                    .map_or(usize::MAX, |m| m.context_length().max(1));
                 let capacity = (job.prompt.len() + job.params.max_tokens).min(context);
                 let kv_bytes = capacity as u64 * kv.limits.per_token;
                 // The longest prefix of the prompt that a kept or running sequence has cached
@@ -371,18 +363,27 @@ impl Worker {
                 let mut cached = 0;
                 let model = match (base.as_ref(), native) {
                     (Some(_), Some(native)) => {
-                        let mut cache = KvCache::new(&native.config, capacity);
+                        let mut cache = native.new_cache(capacity);
                         let from_running =
                             running.filter(|(_, n)| kept.is_none_or(|h| *n > h.common));
-                        if let Some((i, n)) = from_running {
+                        let copied = if let Some((i, n)) = from_running {
                             let SeqModel::Batched(source) = &active[i].model else {
                                 unreachable!("filtered on batched sequences");
                             };
-                            cache.copy_prefix_from(source, n);
-                            cached = n;
+                            cache.copy_prefix_from(source, n).map(|()| n)
                         } else if let Some(hit) = kept {
-                            cache.copy_prefix_from(kv.store.take_hit(hit.id), hit.common);
-                            cached = hit.common;
+                            cache
+                                .copy_prefix_from(kv.store.take_hit(hit.id), hit.common)
+                                .map(|()| hit.common)
+                        } else {
+                            Ok(0)
+                        };
+                        match copied {
+                            Ok(n) => cached = n,
+                            Err(e) => {
+                                tracing::warn!(error = %e, "prefix cache not used");
+                                cache = native.new_cache(capacity);
+                            }
                         }
                         Some(SeqModel::Batched(cache))
                     }
@@ -481,10 +482,10 @@ impl Worker {
     }
 }
 
-/// The shared native model of a batched worker and its buffers.
+/// The shared model of a batched worker and its buffers.
 struct Batch {
-    model: Arc<Model>,
-    ws: Workspace,
+    model: Shared,
+    buffers: Buffers,
     pacer: Pacer,
 }
 
@@ -594,7 +595,7 @@ impl Worker {
                 prompt_budget -= *f;
             }
         }
-        let mut steps: Vec<NativeStep<'_>> = Vec::with_capacity(active.len());
+        let mut parts: Vec<Part<'_>> = Vec::with_capacity(active.len());
         let mut rows: Vec<usize> = Vec::with_capacity(active.len());
         for (i, (seq, &n)) in active.iter_mut().zip(&feed).enumerate() {
             if n == 0 {
@@ -603,32 +604,36 @@ impl Worker {
             let SeqModel::Batched(cache) = &mut seq.model else {
                 continue;
             };
-            steps.push(NativeStep {
+            parts.push(Part {
                 tokens: &seq.tokens[seq.fed..seq.fed + n],
                 cache,
             });
             rows.push(i);
         }
         let prompt_tokens: usize = feed.iter().sum::<usize>() - decoding;
-        let Batch { model, ws, pacer } = batch;
+        let Batch {
+            model,
+            buffers,
+            pacer,
+        } = batch;
         let started = Instant::now();
-        let result = kernels::in_pool(|| model.forward(&mut steps, ws));
+        let result = model.forward(&mut parts, buffers);
         pacer.record(prompt_tokens, decoding, started.elapsed().as_secs_f64());
-        drop(steps);
-        let vocab = model.config.vocab;
+        drop(parts);
+        let vocab = model.vocab();
         let mut ended = vec![false; active.len()];
         for (row, &i) in rows.iter().enumerate() {
             let seq = &mut active[i];
             let _enter = seq.span.clone().entered();
             let outcome = match &result {
                 Err(message) => Err(format!("forward pass: {message}")),
-                Ok(()) => {
+                Ok(all) => {
                     seq.fed += feed[i];
                     if seq.fed < seq.tokens.len() {
                         // Still in its prompt: no token yet.
                         Ok(Step::Continue)
                     } else {
-                        let logits = &ws.logits[row * vocab..(row + 1) * vocab];
+                        let logits = &all[row * vocab..(row + 1) * vocab];
                         seq.accept(logits, tokenizer, eos_ids, special_ids)
                     }
                 }

@@ -11,6 +11,7 @@
 //! The model runs any number of sequences in one call ([`Model::forward`] takes a slice of
 //! [`Step`]s), which is what continuous batching builds on.
 
+mod candle_batched;
 mod config;
 mod model;
 mod weights;
@@ -20,6 +21,7 @@ use std::{fs::File, path::Path, sync::Arc};
 use candle_core::{quantized::gguf_file, DType};
 use serde_json::Value;
 
+pub use candle_batched::{CandleCache, CandleLm, CandleModel, CandleStep};
 pub use config::NativeConfig;
 pub use model::{KvCache, Model, Step, Workspace};
 
