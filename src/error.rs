@@ -41,6 +41,7 @@ pub mod reason {
     pub const UNSUPPORTED_ARCHITECTURE: &str = "UNSUPPORTED_ARCHITECTURE";
     pub const QUEUE_FULL: &str = "QUEUE_FULL";
     pub const NO_CHAT_TEMPLATE: &str = "NO_CHAT_TEMPLATE";
+    pub const TEMPLATE_LIMIT: &str = "TEMPLATE_LIMIT";
     pub const WRONG_MODEL_KIND: &str = "WRONG_MODEL_KIND";
     pub const LOAD_FAILED: &str = "LOAD_FAILED";
     pub const DEVICE_UNAVAILABLE: &str = "DEVICE_UNAVAILABLE";
@@ -99,7 +100,7 @@ impl ApiError {
 
     /// INTERNAL: logs the full cause chain and sends a sanitized message.
     pub fn internal(context: &str, err: &(dyn std::error::Error + 'static)) -> Self {
-        let chain = error_chain(err);
+        let chain = crate::util::error_chain(err);
         tracing::error!(error = %chain, "{context}");
         Self::new(
             Code::Internal,
@@ -155,6 +156,7 @@ impl From<&CacheError> for ApiError {
         let message = err.to_string();
         match err {
             CacheError::InvalidModelId { .. } => Self::invalid_argument("model_id", message),
+            CacheError::OutsideModelRoots { .. } => Self::invalid_argument("model_id", message),
             CacheError::InvalidRevision { .. } => Self::invalid_argument("revision", message),
             CacheError::ModelNotFound { model_id, .. } => {
                 Self::new(Code::NotFound, reason::MODEL_NOT_FOUND, message)
@@ -244,6 +246,9 @@ impl From<&EngineError> for ApiError {
             EngineError::NoChatTemplate => {
                 Self::new(Code::FailedPrecondition, reason::NO_CHAT_TEMPLATE, message)
             }
+            EngineError::TemplateLimit(_) => {
+                Self::new(Code::FailedPrecondition, reason::TEMPLATE_LIMIT, message)
+            }
             EngineError::NotAGenerativeModel | EngineError::NotAnEmbeddingModel => {
                 Self::new(Code::FailedPrecondition, reason::WRONG_MODEL_KIND, message)
             }
@@ -290,6 +295,9 @@ impl From<&ManagerError> for ApiError {
             ManagerError::InUse { reason, .. } => {
                 Self::new(Code::FailedPrecondition, reason, message)
             }
+            ManagerError::Exhausted { reason, .. } => {
+                Self::new(Code::ResourceExhausted, reason, message)
+            }
             ManagerError::Task(e) => Self::internal("a background task failed", e),
         }
     }
@@ -334,18 +342,6 @@ macro_rules! by_value {
     )*};
 }
 by_value!(CacheError, SnapshotError, EngineError, ManagerError);
-
-/// "outer: inner: root" for logging.
-pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        out.push_str(": ");
-        out.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    out
-}
 
 #[cfg(test)]
 mod tests {

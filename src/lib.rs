@@ -11,16 +11,18 @@ pub mod engine;
 pub mod error;
 pub mod manager;
 pub mod pb;
+pub mod secret;
 pub mod server;
 pub mod snapshot;
 pub mod telemetry;
 pub mod testing;
+pub mod util;
 
 use std::future::Future;
 
 use tokio::net::TcpListener;
 
-pub use config::Config;
+pub use server::Config;
 
 /// Serves the lmx gRPC API on `listener` until `shutdown` resolves, then drains in-flight calls
 /// (up to `config.drain_timeout`) and returns. Metrics are served on `config.metrics_listen` when

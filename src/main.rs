@@ -4,7 +4,10 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::Parser;
-use lmx::config::{Cli, Command, ServeArgs};
+use lmx::{
+    cli::{Cli, Command},
+    config::ServeArgs,
+};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -17,7 +20,9 @@ fn main() -> ExitCode {
         Command::Serve(args) => run_async(serve(*args)),
         Command::Verify(args) if args.client.server.is_none() => verify::run(&args),
         Command::Verify(args) => client(async move { Ok(verify::run_any(&args).await) }),
-        Command::Pull(args) => client(async move { Ok(pull::run(*args).await) }),
+        Command::Pull(args) => {
+            client(async move { Ok(pull::run(*args, lmx::api::convert::progress).await) })
+        }
         Command::Ls(args) => client(models::list(args, false)),
         Command::Ps(args) => client(models::list(args, true)),
         Command::Rm(args) => client(models::remove(args)),
@@ -66,9 +71,8 @@ fn run_async(command: impl std::future::Future<Output = anyhow::Result<()>>) -> 
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let config = args
-        .resolve()
-        .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
+    let config =
+        lmx::Config::from_args(&args).map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
     // Signal handlers go in before the port opens: a SIGTERM that follows the first call must
     // drain, not kill the process with the default action.
     let shutdown = shutdown_signal().context("installing the SIGTERM/SIGINT handlers")?;

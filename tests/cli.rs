@@ -355,12 +355,12 @@ async fn the_cli_speaks_tls_and_tokens() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("ca.pem"), ca.pem()).unwrap();
     let server = TestServer::start_with(|c| {
-        c.tls = Some(lmx::config::TlsFiles {
+        c.tls = Some(lmx::server::TlsFiles {
             cert: cert.pem().into_bytes(),
-            key: lmx::config::Secret::new(key.serialize_pem()),
+            key: lmx::secret::Secret::new(key.serialize_pem()),
             client_ca: None,
         });
-        c.tokens.admin = Some(lmx::config::Secret::new("cli-admin"));
+        c.tokens.admin = Some(lmx::secret::Secret::new("cli-admin"));
     })
     .await;
     let ls = |token: Option<&'static str>| {

@@ -263,7 +263,7 @@ async fn gated_repositories_download_with_the_configured_token() {
     let url = hub.url();
     let server = TestServer::start_with(|c| {
         c.downloads.hub_endpoint = url;
-        c.downloads.hf_token = Some(lmx::config::Secret::new("hf_right"));
+        c.downloads.hf_token = Some(lmx::secret::Secret::new("hf_right"));
         c.downloads.task.disk_margin = 0;
     })
     .await;

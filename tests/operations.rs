@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::{hub::HubServer, TestServer};
-use lmx::{config::Secret, pb, testing};
+use lmx::{pb, secret::Secret, testing};
 use tokio_stream::StreamExt;
 use tonic::{
     metadata::MetadataValue,
@@ -263,7 +263,7 @@ async fn health(channel: Channel) -> Result<i32, tonic::Status> {
 #[tokio::test]
 async fn tls_and_mutual_tls_round_trips() {
     let pki = pki();
-    let tls = |client_ca: bool| lmx::config::TlsFiles {
+    let tls = |client_ca: bool| lmx::server::TlsFiles {
         cert: pki.server_cert.clone().into_bytes(),
         key: Secret::new(pki.server_key.clone()),
         client_ca: client_ca.then(|| pki.ca.clone().into_bytes()),
@@ -558,11 +558,11 @@ async fn models_named_with_load_are_loaded_at_start_and_turn_the_pod_ready() {
         .models;
     assert_eq!(models[0].model_id, path);
     assert_eq!(
-        lmx::config::split_model_spec("org/m@v1"),
+        lmx::manager::cache::split_model_spec("org/m@v1"),
         ("org/m".to_owned(), "v1".to_owned())
     );
     assert_eq!(
-        lmx::config::split_model_spec("/data/m@x"),
+        lmx::manager::cache::split_model_spec("/data/m@x"),
         ("/data/m@x".to_owned(), String::new())
     );
     server.stop().await.unwrap();

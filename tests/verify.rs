@@ -140,8 +140,19 @@ async fn verify_model_errors_name_the_field_and_use_stable_reasons() {
             Code::InvalidArgument,
             "INVALID_ARGUMENT",
         ),
-        ("/nonexistent/folder", "", Code::NotFound, "MODEL_NOT_FOUND"),
+        // Outside the model roots: refused before the file system is asked.
+        (
+            "/nonexistent/folder",
+            "",
+            Code::InvalidArgument,
+            "INVALID_ARGUMENT",
+        ),
     ];
+    let missing_in_root = server.cache_dir().join("no-such-folder");
+    let missing_in_root = missing_in_root.to_str().unwrap();
+    let cases = cases
+        .into_iter()
+        .chain([(missing_in_root, "", Code::NotFound, "MODEL_NOT_FOUND")]);
     for (model_id, revision, code, reason) in cases {
         let status = client
             .verify_model(pb::VerifyModelRequest {

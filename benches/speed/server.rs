@@ -34,12 +34,18 @@ impl Server {
         Self::start_with(bin, cache, &[])
     }
 
-    /// [`Server::start`] with more `serve` flags.
+    /// [`Server::start`] with more `serve` flags. The models folder (LMX_TEST_MODELS, else
+    /// .cache/models) is a `--model-root`, so LoadModel takes folders under it.
     pub fn start_with(bin: &Path, cache: &Path, flags: &[&str]) -> Result<Server, String> {
+        let models = std::env::var_os("LMX_TEST_MODELS")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(".cache/models"));
         let mut command = Command::new(bin);
         command
             .args(["--log-format", "json", "--log-filter", "info", "serve"])
             .args(["--listen", "127.0.0.1:0", "--drain-timeout", "2s"])
+            .arg("--model-root")
+            .arg(&models)
             .args(flags)
             .arg("--cache-dir")
             .arg(cache)

@@ -50,9 +50,11 @@ fn load_spec(options: Option<pb::LoadOptions>) -> Result<LoadSpec, ApiError> {
     let device = if options.device.is_empty() {
         None
     } else {
-        Some(crate::config::parse_device(&options.device).map_err(|e| {
-            ApiError::invalid_argument("options.device", format!("`options.device` {e}"))
-        })?)
+        Some(
+            crate::engine::validate_device(&options.device).map_err(|e| {
+                ApiError::invalid_argument("options.device", format!("`options.device` {e}"))
+            })?,
+        )
     };
     let keep_alive = match options.keep_alive {
         None => None,
@@ -190,6 +192,7 @@ impl pb::model_admin_server::ModelAdmin for AdminApi {
             .manager
             .downloads()
             .watch(&id)
+            .map_err(ApiError::from)?
             .ok_or_else(|| unknown_download(&id))?;
         Ok(Response::new(progress_stream(rx, |progress| {
             pb::WatchDownloadResponse {

@@ -11,7 +11,7 @@ use tonic::{
     Request,
 };
 
-use crate::config::Secret;
+use crate::secret::Secret;
 
 /// Where client subcommands connect when --server / LMX_SERVER is not given.
 pub const DEFAULT_SERVER: &str = "127.0.0.1:50051";

@@ -14,10 +14,9 @@ use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use super::client::{describe, ClientArgs};
 use crate::{
-    api::convert,
     config::HubArgs,
     manager::{
-        download::{DownloadRequest, DownloadSettings, Downloads},
+        download::{DownloadRequest, DownloadSettings, Downloads, Progress},
         models::Registry,
         Cache, EngineSettings,
     },
@@ -68,9 +67,14 @@ pub struct PullArgs {
 type Updates =
     std::pin::Pin<Box<dyn Stream<Item = Result<pb::DownloadProgress, tonic::Status>> + Send>>;
 
+/// How a local download's progress becomes the wire type the display reads: the gRPC edge's
+/// own conversion, handed in by the composition root (`main`), so the two never differ and the
+/// CLI does not reach into the API layer.
+pub type ToWire = fn(&Progress) -> pb::DownloadProgress;
+
 /// Runs the command; returns the process exit code.
-pub async fn run(args: PullArgs) -> ExitCode {
-    match pull(args).await {
+pub async fn run(args: PullArgs, to_wire: ToWire) -> ExitCode {
+    match pull(args, to_wire).await {
         Ok(code) => code,
         Err(err) => {
             eprintln!("lmx pull: {err:#}");
@@ -87,7 +91,7 @@ fn exit_code(progress: &pb::DownloadProgress) -> ExitCode {
     }
 }
 
-async fn pull(args: PullArgs) -> anyhow::Result<ExitCode> {
+async fn pull(args: PullArgs, to_wire: ToWire) -> anyhow::Result<ExitCode> {
     let request = pb::DownloadModelRequest {
         model_id: args.repo.clone(),
         revision: args.revision.clone(),
@@ -97,7 +101,7 @@ async fn pull(args: PullArgs) -> anyhow::Result<ExitCode> {
         load_options: None,
     };
     let (updates, canceller): (Updates, Option<Canceller>) = if args.local {
-        (local_updates(&args, &request)?, None)
+        (local_updates(&args, &request, to_wire)?, None)
     } else {
         let client = args.client.connect().await?;
         let stream = client
@@ -198,7 +202,11 @@ impl Canceller {
 }
 
 /// Runs the download manager here and adapts its progress to the wire type.
-fn local_updates(args: &PullArgs, request: &pb::DownloadModelRequest) -> anyhow::Result<Updates> {
+fn local_updates(
+    args: &PullArgs,
+    request: &pb::DownloadModelRequest,
+    to_wire: ToWire,
+) -> anyhow::Result<Updates> {
     let hub = args.hub.resolve(&crate::config::process_env);
     let mut settings = DownloadSettings::new(hub.hub_endpoint);
     settings.hf_token = hub.hf_token;
@@ -223,7 +231,7 @@ fn local_updates(args: &PullArgs, request: &pb::DownloadModelRequest) -> anyhow:
             let _keep = &downloads;
             p
         })
-        .map(|p| Ok(convert::progress(&p)));
+        .map(move |p| Ok(to_wire(&p)));
     Ok(Box::pin(stream))
 }
 

@@ -136,7 +136,8 @@ async fn remote(args: &VerifyArgs) -> anyhow::Result<ExitCode> {
 /// Runs the command offline; returns the process exit code.
 pub fn run(args: &VerifyArgs) -> ExitCode {
     let mode = if args.full { Mode::Full } else { Mode::Quick };
-    let cache = Cache::new(args.cache.resolve_from_env());
+    // Offline: the user already holds the files, so any folder may be checked.
+    let cache = Cache::new(args.cache.resolve_from_env()).allowing_any_folder();
     let result = resolve(&cache, args).and_then(|snapshot| {
         snapshot::verify(&snapshot.path, mode)
             .map(|report| (snapshot, report))

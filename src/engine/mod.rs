@@ -9,6 +9,7 @@
 mod arch;
 mod batch;
 mod chat;
+mod device;
 mod embed;
 mod gguf_tokenizer;
 pub mod kernels;
@@ -32,7 +33,8 @@ use candle_core::{quantized::gguf_file, DType, Device};
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
-pub use chat::{ChatMessage, ChatTemplate};
+pub use chat::{ChatMessage, ChatTemplate, TemplateLimits};
+pub use device::validate_device;
 pub use embed::Embeddings;
 pub use memory::{estimate_memory, MemoryEstimate};
 pub use sampling::SamplingParams;
@@ -69,6 +71,8 @@ pub enum EngineError {
     NoChatTemplate,
     #[error("the chat template failed: {0}")]
     Template(String),
+    #[error("the model's chat template exceeded a limit: {0}")]
+    TemplateLimit(String),
     #[error("this is an embedding model: use Embed, not Generate or Chat")]
     NotAGenerativeModel,
     #[error("this is a text generation model: Embed needs an embedding model (BERT family)")]
@@ -547,6 +551,7 @@ impl Engine for CandleEngine {
                         message: "`messages` must not be empty".into(),
                     });
                 }
+                validation::validate_messages(messages.len(), &self.limits)?;
                 let rendered = self.render_chat(&messages)?;
                 self.encode(&rendered, false)?.get_ids().to_vec()
             }
@@ -557,6 +562,7 @@ impl Engine for CandleEngine {
                 message: "`prompt` must produce at least one token. Given: 0 tokens".into(),
             });
         }
+        validation::validate_prompt_tokens(ids.len(), &self.limits)?;
         let params = validation::validate(
             params,
             ids.len(),
@@ -624,6 +630,7 @@ impl Engine for CandleEngine {
                 message: "`inputs` must have at least 1 string. Given: 0".into(),
             });
         }
+        validation::validate_embed_inputs(inputs.len(), &self.limits)?;
         let permit = self.slot()?;
         let (reply, answer) = oneshot::channel();
         self.jobs

@@ -15,6 +15,12 @@ pub struct Limits {
     pub max_stop_sequences: usize,
     /// Longest stop string, in bytes.
     pub max_stop_bytes: usize,
+    /// Most prompt tokens (after the chat template); None: the model's context length.
+    pub max_prompt_tokens: Option<usize>,
+    /// Most messages of one chat request.
+    pub max_messages: usize,
+    /// Most strings of one embedding request.
+    pub max_embed_inputs: usize,
 }
 
 impl Default for Limits {
@@ -24,6 +30,9 @@ impl Default for Limits {
             default_max_tokens: 256,
             max_stop_sequences: 4,
             max_stop_bytes: 256,
+            max_prompt_tokens: None,
+            max_messages: 256,
+            max_embed_inputs: 128,
         }
     }
 }
@@ -58,6 +67,45 @@ fn invalid(field: &'static str, message: String) -> EngineError {
 pub fn validate_prompt(field: &'static str, prompt: &str) -> Result<(), EngineError> {
     if prompt.is_empty() {
         return Err(invalid(field, format!("`{field}` must not be empty")));
+    }
+    Ok(())
+}
+
+/// A chat request's message count against `--max-messages`.
+pub fn validate_messages(count: usize, limits: &Limits) -> Result<(), EngineError> {
+    if count > limits.max_messages {
+        return Err(invalid(
+            "messages",
+            format!(
+                "`messages` must have at most {} messages. Given: {count}",
+                limits.max_messages
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// A prompt's token count against `--max-prompt-tokens` (the context is checked separately).
+pub fn validate_prompt_tokens(tokens: usize, limits: &Limits) -> Result<(), EngineError> {
+    match limits.max_prompt_tokens {
+        Some(max) if tokens > max => Err(invalid(
+            "prompt",
+            format!("`prompt` must have at most {max} tokens. Given: {tokens} tokens"),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// An embedding request's input count against `--max-embed-inputs`.
+pub fn validate_embed_inputs(count: usize, limits: &Limits) -> Result<(), EngineError> {
+    if count > limits.max_embed_inputs {
+        return Err(invalid(
+            "inputs",
+            format!(
+                "`inputs` must have at most {} strings. Given: {count}",
+                limits.max_embed_inputs
+            ),
+        ));
     }
     Ok(())
 }
@@ -248,6 +296,36 @@ mod tests {
             assert_eq!(got_field, field);
             assert!(got.contains(message), "{got:?} lacks {message:?}");
         }
+    }
+
+    #[test]
+    fn counts_beyond_the_limits_name_field_limit_and_value() {
+        let limits = Limits {
+            max_prompt_tokens: Some(10),
+            max_messages: 2,
+            max_embed_inputs: 3,
+            ..Limits::default()
+        };
+        let message = |r: Result<(), EngineError>| match r {
+            Err(EngineError::Validation { field, message }) => format!("{field}: {message}"),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            message(validate_messages(3, &limits)),
+            "messages: `messages` must have at most 2 messages. Given: 3"
+        );
+        assert_eq!(
+            message(validate_prompt_tokens(11, &limits)),
+            "prompt: `prompt` must have at most 10 tokens. Given: 11 tokens"
+        );
+        assert_eq!(
+            message(validate_embed_inputs(4, &limits)),
+            "inputs: `inputs` must have at most 3 strings. Given: 4"
+        );
+        assert!(validate_messages(2, &limits).is_ok());
+        assert!(validate_prompt_tokens(10, &limits).is_ok());
+        assert!(validate_prompt_tokens(1 << 20, &Limits::default()).is_ok());
+        assert!(validate_embed_inputs(3, &limits).is_ok());
     }
 
     #[test]

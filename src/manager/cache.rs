@@ -7,12 +7,15 @@
 //!     refs/<revision>              the commit a branch or tag points at
 //! ```
 //!
-//! Also validates what names a model (repo ids, revisions, local folder paths) before any I/O.
+//! Also validates what names a model (repo ids, revisions, local folder paths) before any I/O,
+//! and keeps clients to the folders the operator allowed: a model named by absolute path must
+//! resolve, symlinks followed, inside the cache or one of the model roots (`--model-root`).
 
 use std::{
     collections::BTreeMap,
     fs, io,
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 /// Default revision when a request leaves it empty.
@@ -21,6 +24,8 @@ pub const DEFAULT_REVISION: &str = "main";
 const MAX_NAME_LEN: usize = 96;
 /// Longest revision accepted.
 const MAX_REVISION_LEN: usize = 255;
+/// Longest folder path accepted as a model id (Linux's PATH_MAX).
+const MAX_PATH_LEN: usize = 4096;
 
 /// What a request's `model_id` + `revision` name.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,8 +62,25 @@ pub enum CacheError {
     },
     #[error("local model folder {} does not exist", .0.display())]
     LocalNotFound(PathBuf),
+    #[error("`model_id` {} is outside the folders models may be loaded from: the model cache {} and the model roots ({}). Start the server with --model-root DIR to serve folders from DIR", path.display(), cache.display(), roots_list(roots))]
+    OutsideModelRoots {
+        path: PathBuf,
+        cache: PathBuf,
+        roots: Vec<PathBuf>,
+    },
     #[error("reading the cache at {}: {source}", path.display())]
     Io { path: PathBuf, source: io::Error },
+}
+
+fn roots_list(roots: &[PathBuf]) -> String {
+    if roots.is_empty() {
+        return "none configured".to_owned();
+    }
+    roots
+        .iter()
+        .map(|r| r.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn known_list(known: &[String]) -> String {
@@ -166,6 +188,18 @@ pub fn parse_model_ref(model_id: &str, revision: &str) -> Result<ModelRef, Cache
         if has_control(model_id) {
             return Err(invalid_id(model_id, "must not contain control characters"));
         }
+        if model_id.len() > MAX_PATH_LEN {
+            return Err(invalid_id(
+                model_id,
+                format!("a folder path must have at most {MAX_PATH_LEN} bytes"),
+            ));
+        }
+        if model_id.split('/').any(|part| part == "." || part == "..") {
+            return Err(invalid_id(
+                model_id,
+                "a folder path must not contain \".\" or \"..\" segments",
+            ));
+        }
         return Ok(ModelRef::Local(PathBuf::from(model_id)));
     }
     if model_id.starts_with(['.', '~']) {
@@ -186,6 +220,17 @@ pub fn parse_model_ref(model_id: &str, revision: &str) -> Result<ModelRef, Cache
         repo_id: model_id.to_owned(),
         revision: revision.to_owned(),
     })
+}
+
+/// "org/name@rev" → ("org/name", "rev"); paths and plain ids keep an empty revision. The
+/// grammar of `--load` and of the CLI's model arguments.
+pub fn split_model_spec(spec: &str) -> (String, String) {
+    match spec.rsplit_once('@') {
+        Some((id, rev)) if !spec.starts_with('/') && !rev.is_empty() && !id.is_empty() => {
+            (id.to_owned(), rev.to_owned())
+        }
+        _ => (spec.to_owned(), String::new()),
+    }
 }
 
 /// "org/name" → "models--org--name".
@@ -211,15 +256,136 @@ pub struct ResolvedSnapshot {
     pub path: PathBuf,
 }
 
-/// The model cache folder.
+/// Which folders a model may be named by absolute path from.
+#[derive(Debug, Clone)]
+enum Folders {
+    /// The cache and these roots, each as given and canonical (symlinks resolved).
+    Roots(Arc<[(PathBuf, PathBuf)]>),
+    /// Any folder: the offline `lmx verify PATH`, where the user already holds the files.
+    Any,
+}
+
+/// The model cache folder and the folders besides it that models may be loaded from.
 #[derive(Debug, Clone)]
 pub struct Cache {
     root: PathBuf,
+    folders: Folders,
 }
 
 impl Cache {
+    /// The cache at `root`; folders outside it are refused until [`Cache::with_model_roots`].
     pub fn new(root: impl Into<PathBuf>) -> Self {
-        Self { root: root.into() }
+        Self {
+            root: root.into(),
+            folders: Folders::Roots(Arc::from(Vec::new())),
+        }
+    }
+
+    /// Also allows model folders inside `roots` (each must be an existing folder).
+    pub fn with_model_roots(mut self, roots: &[PathBuf]) -> Result<Self, CacheError> {
+        let mut resolved = Vec::with_capacity(roots.len());
+        for root in roots {
+            if !root.is_absolute() {
+                return Err(CacheError::Io {
+                    path: root.clone(),
+                    source: io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        "a model root must be an absolute path",
+                    ),
+                });
+            }
+            let canonical = fs::canonicalize(root).map_err(|source| CacheError::Io {
+                path: root.clone(),
+                source,
+            })?;
+            if !canonical.is_dir() {
+                return Err(CacheError::Io {
+                    path: root.clone(),
+                    source: io::Error::new(io::ErrorKind::InvalidInput, "not a folder"),
+                });
+            }
+            resolved.push((root.clone(), canonical));
+        }
+        self.folders = Folders::Roots(Arc::from(resolved));
+        Ok(self)
+    }
+
+    /// Allows a model folder anywhere: for offline tools run by the owner of the files only.
+    pub fn allowing_any_folder(mut self) -> Self {
+        self.folders = Folders::Any;
+        self
+    }
+
+    /// The model roots as configured (the cache is always allowed besides them).
+    pub fn model_roots(&self) -> Vec<PathBuf> {
+        match &self.folders {
+            Folders::Roots(roots) => roots.iter().map(|(given, _)| given.clone()).collect(),
+            Folders::Any => Vec::new(),
+        }
+    }
+
+    /// Checks a request's names without loading anything: a folder must lie inside the allowed
+    /// folders (when it exists: a missing one is reported when it is resolved).
+    pub fn check_model_ref(&self, model_id: &str, revision: &str) -> Result<(), CacheError> {
+        if let ModelRef::Local(path) = parse_model_ref(model_id, revision)? {
+            match self.admit(&path) {
+                Err(CacheError::LocalNotFound(_)) => {}
+                other => {
+                    other?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The canonical path of a local model folder, if it lies inside an allowed folder. The
+    /// literal path is checked before the file system is touched, so a client cannot probe
+    /// which paths exist outside the roots; the canonical one after, so a symlink cannot leave.
+    fn admit(&self, path: &Path) -> Result<PathBuf, CacheError> {
+        let roots = match &self.folders {
+            Folders::Any => {
+                return fs::canonicalize(path).map_err(|_| CacheError::LocalNotFound(path.into()))
+            }
+            Folders::Roots(roots) => roots,
+        };
+        let cache_canonical = fs::canonicalize(&self.root).ok();
+        let candidates = || {
+            roots
+                .iter()
+                .flat_map(|(given, canonical)| [given.as_path(), canonical.as_path()])
+                .chain([self.root.as_path()])
+                .chain(cache_canonical.as_deref())
+        };
+        let outside = || CacheError::OutsideModelRoots {
+            path: path.to_path_buf(),
+            cache: self.root.clone(),
+            roots: self.model_roots(),
+        };
+        if !candidates().any(|root| path.starts_with(root)) {
+            return Err(outside());
+        }
+        let real = match fs::canonicalize(path) {
+            Ok(real) => real,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(CacheError::LocalNotFound(path.to_path_buf()))
+            }
+            Err(source) => {
+                return Err(CacheError::Io {
+                    path: path.to_path_buf(),
+                    source,
+                })
+            }
+        };
+        let inside = roots
+            .iter()
+            .map(|(_, canonical)| canonical.as_path())
+            .chain(cache_canonical.as_deref())
+            .any(|root| real.starts_with(root));
+        if inside {
+            Ok(real)
+        } else {
+            Err(outside())
+        }
     }
 
     /// The cache folder.
@@ -261,14 +427,14 @@ impl Cache {
     pub fn resolve(&self, model: &ModelRef) -> Result<ResolvedSnapshot, CacheError> {
         match model {
             ModelRef::Local(path) => {
-                if !path.exists() {
-                    return Err(CacheError::LocalNotFound(path.clone()));
-                }
+                // The canonical path is what gets read: a symlink swapped after the check
+                // cannot redirect the load outside the roots.
+                let real = self.admit(path)?;
                 Ok(ResolvedSnapshot {
                     model_id: path.display().to_string(),
                     revision: String::new(),
                     commit: String::new(),
-                    path: path.clone(),
+                    path: real,
                 })
             }
             ModelRef::Hub { repo_id, revision } => self.resolve_hub(repo_id, revision),
@@ -336,6 +502,97 @@ impl Cache {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn local_folders_must_resolve_inside_the_cache_or_a_model_root() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cache_dir, root, outside) = (
+            dir.path().join("hub"),
+            dir.path().join("models"),
+            dir.path().join("elsewhere"),
+        );
+        for d in [&cache_dir, &root.join("m"), &outside.join("m")] {
+            fs::create_dir_all(d).unwrap();
+        }
+        std::os::unix::fs::symlink(outside.join("m"), root.join("escape")).unwrap();
+        std::os::unix::fs::symlink(root.join("m"), outside.join("alias")).unwrap();
+        let local = |p: &Path| ModelRef::Local(p.to_path_buf());
+
+        let closed = Cache::new(&cache_dir);
+        let err = closed.resolve(&local(&root.join("m"))).unwrap_err();
+        assert!(
+            matches!(&err, CacheError::OutsideModelRoots { roots, .. } if roots.is_empty()),
+            "{err}"
+        );
+        assert!(err.to_string().contains("--model-root"), "{err}");
+        let err = closed.resolve(&local(Path::new("/etc"))).unwrap_err();
+        assert!(matches!(err, CacheError::OutsideModelRoots { .. }), "{err}");
+        // Outside the roots, a missing folder and an existing one answer alike.
+        let err = closed
+            .resolve(&local(Path::new("/no/such/folder")))
+            .unwrap_err();
+        assert!(matches!(err, CacheError::OutsideModelRoots { .. }), "{err}");
+
+        let open = Cache::new(&cache_dir)
+            .with_model_roots(std::slice::from_ref(&root))
+            .unwrap();
+        let ok = open.resolve(&local(&root.join("m"))).unwrap();
+        assert_eq!(ok.path, fs::canonicalize(root.join("m")).unwrap());
+        assert!(matches!(
+            open.resolve(&local(&root.join("gone"))),
+            Err(CacheError::LocalNotFound(_))
+        ));
+        // A link inside a root that leads out of it is refused; one outside that leads in is
+        // refused too (the literal path names a folder outside every root).
+        for path in [
+            root.join("escape"),
+            outside.join("alias"),
+            outside.join("m"),
+        ] {
+            let err = open.resolve(&local(&path)).unwrap_err();
+            assert!(
+                matches!(&err, CacheError::OutsideModelRoots { roots, .. } if roots == std::slice::from_ref(&root)),
+                "{}: {err}",
+                path.display()
+            );
+        }
+        // The cache is always allowed.
+        fs::create_dir_all(cache_dir.join("local-model")).unwrap();
+        closed
+            .resolve(&local(&cache_dir.join("local-model")))
+            .unwrap();
+        // The offline CLI may name any folder.
+        let any = Cache::new(&cache_dir).allowing_any_folder();
+        any.resolve(&local(&outside.join("m"))).unwrap();
+        // Roots must exist and be absolute.
+        assert!(Cache::new(&cache_dir)
+            .with_model_roots(&[dir.path().join("missing")])
+            .is_err());
+        assert!(Cache::new(&cache_dir)
+            .with_model_roots(&[PathBuf::from("relative")])
+            .is_err());
+    }
+
+    #[test]
+    fn folder_paths_with_dot_segments_are_refused_before_any_io() {
+        for id in ["/models/../etc", "/models/./m", "/a/.."] {
+            let err = parse_model_ref(id, "").unwrap_err();
+            assert!(
+                matches!(err, CacheError::InvalidModelId { .. }),
+                "{id}: {err}"
+            );
+        }
+        let long = format!("/{}", "a".repeat(5000));
+        assert!(parse_model_ref(&long, "").is_err());
+        assert_eq!(
+            split_model_spec("org/m@v1"),
+            ("org/m".to_owned(), "v1".to_owned())
+        );
+        assert_eq!(
+            split_model_spec("/data/m@x"),
+            ("/data/m@x".to_owned(), String::new())
+        );
+    }
 
     #[test]
     fn repo_ids_are_validated_before_any_io() {

@@ -6,8 +6,6 @@ pub mod catalog;
 pub mod download;
 pub mod models;
 
-use std::path::PathBuf;
-
 pub use cache::{Cache, CacheError, ModelRef, ResolvedSnapshot};
 pub use models::{EngineSettings, LoadSpec, ModelKey, Registry};
 
@@ -48,6 +46,12 @@ pub enum ManagerError {
         reason: &'static str,
         message: String,
     },
+    /// A per-server limit on concurrent work (downloads, progress streams) is reached.
+    #[error("{message}")]
+    Exhausted {
+        reason: &'static str,
+        message: String,
+    },
     #[error("a background task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
 }
@@ -81,15 +85,14 @@ pub struct Manager {
 }
 
 impl Manager {
-    /// A manager over `cache_dir`; `ready` follows "at least one model is loaded".
+    /// A manager over `cache` (its folder and model roots); `ready` follows "at least one model is loaded".
     pub fn new(
-        cache_dir: impl Into<PathBuf>,
+        cache: Cache,
         settings: EngineSettings,
         downloads: download::DownloadSettings,
         ready: tokio::sync::watch::Sender<bool>,
     ) -> Result<Self, String> {
-        let cache_dir = cache_dir.into();
-        let cache = Cache::new(cache_dir.clone());
+        let cache_dir = cache.root().to_path_buf();
         let models = Registry::new(cache.clone(), settings, ready);
         let downloads = download::Downloads::new(cache_dir, downloads, models.clone())?;
         Ok(Self {

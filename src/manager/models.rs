@@ -125,15 +125,26 @@ pub struct LoadedModel {
 impl LoadedModel {
     /// When the model last served (started or finished) a request.
     pub fn last_used_at(&self) -> SystemTime {
-        self.last_used.lock().expect("last_used lock").1
+        self.last_used
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .1
     }
 
     fn idle_for(&self) -> Duration {
-        self.last_used.lock().expect("last_used lock").0.elapsed()
+        self.last_used
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .0
+            .elapsed()
     }
 
     fn touch(&self) {
-        *self.last_used.lock().expect("last_used lock") = (Instant::now(), SystemTime::now());
+        *self
+            .last_used
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) =
+            (Instant::now(), SystemTime::now());
     }
 
     pub fn request_count(&self) -> u64 {
@@ -215,7 +226,10 @@ impl Registry {
     }
 
     fn slots(&self) -> std::sync::MutexGuard<'_, HashMap<ModelKey, Slot>> {
-        self.0.slots.lock().expect("registry lock")
+        self.0
+            .slots
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn publish_readiness(&self, slots: &HashMap<ModelKey, Slot>) {

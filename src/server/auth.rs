@@ -13,7 +13,7 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use tonic::{Code, Status};
 
-use crate::{config::Secret, error::ApiError};
+use crate::{error::ApiError, secret::Secret};
 
 /// The configured tokens.
 #[derive(Debug, Clone, Default)]

@@ -9,11 +9,13 @@
 
 mod around;
 mod auth;
+mod config;
 mod drain;
 mod health;
 pub mod metrics;
 
 pub use auth::Tokens;
+pub use config::{Config, TlsFiles, DEFAULT_MAX_MESSAGE_SIZE};
 pub use drain::Drain;
 pub use health::{ADMIN as ADMIN_SERVICE, INFERENCE as INFERENCE_SERVICE};
 
@@ -25,8 +27,7 @@ use tonic::transport::{server::TcpIncoming, Certificate, Identity, Server, Serve
 
 use crate::{
     api::{admin::AdminApi, inference::InferenceApi},
-    config::Config,
-    manager::Manager,
+    manager::{Cache, Manager},
     pb,
 };
 
@@ -52,9 +53,18 @@ pub async fn serve(
     // The model registry publishes "at least one model is loaded" here.
     let (ready_tx, ready_rx) = watch::channel(false);
     let health = health::Health::start(reporter, ready_rx).await;
+    let cache = Cache::new(config.cache_dir.clone())
+        .with_model_roots(&config.model_roots)
+        .map_err(|e| anyhow::anyhow!("--model-root: {e}"))?;
+    // A --load folder outside the roots is a configuration error, not a log line.
+    for (model_id, revision) in &config.preload {
+        if let Err(e) = cache.check_model_ref(model_id, revision) {
+            anyhow::bail!("--load {model_id}: {e}");
+        }
+    }
     let manager = Arc::new(
         Manager::new(
-            config.cache_dir.clone(),
+            cache,
             config.engine.clone(),
             config.downloads.clone(),
             ready_tx,
@@ -101,12 +111,14 @@ pub async fn serve(
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(pb::model_admin_server::ModelAdminServer::new(
-            AdminApi::new(manager.clone()),
-        ))
-        .add_service(pb::inference_server::InferenceServer::new(
-            InferenceApi::new(manager.clone()),
-        ));
+        .add_service(
+            pb::model_admin_server::ModelAdminServer::new(AdminApi::new(manager.clone()))
+                .max_decoding_message_size(config.max_message_size),
+        )
+        .add_service(
+            pb::inference_server::InferenceServer::new(InferenceApi::new(manager.clone()))
+                .max_decoding_message_size(config.max_message_size),
+        );
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let mut server = tokio::spawn(router.serve_with_incoming_shutdown(incoming, drain.stopped()));
     tracing::info!(%local_addr, tls = config.tls.is_some(), "lmx listening");
@@ -186,7 +198,9 @@ fn sample_gauges(manager: &Manager, known: &std::sync::Mutex<std::collections::H
             seen.insert(key);
         }
     }
-    let mut known = known.lock().expect("gauge labels");
+    let mut known = known
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     for gone in known.difference(&seen) {
         ::metrics::gauge!("lmx_model_memory_bytes", "model" => gone.clone()).set(0.0);
         ::metrics::gauge!("lmx_queue_depth", "model" => gone.clone()).set(0.0);

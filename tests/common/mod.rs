@@ -42,6 +42,7 @@ impl TestServer {
     async fn start_inner(configure: impl FnOnce(&mut lmx::Config), metrics: bool) -> Self {
         let cache = tempfile::tempdir().expect("temp cache dir");
         let mut config = lmx::Config::new(cache.path().join("hub"));
+        config.model_roots = test_model_roots();
         configure(&mut config);
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
@@ -99,6 +100,15 @@ impl TestServer {
         }
         (&mut self.task).await.expect("server task panicked")
     }
+}
+
+/// The model roots test servers allow by default: tests build model folders under the temp
+/// folder and read the real models from `.cache/models`. Tests of the rule itself clear them.
+pub fn test_model_roots() -> Vec<std::path::PathBuf> {
+    [std::env::temp_dir(), models::models_dir()]
+        .into_iter()
+        .filter(|d| d.is_dir())
+        .collect()
 }
 
 /// A gRPC channel to `addr`.

@@ -8,7 +8,7 @@ use std::{
     sync::{Mutex, OnceLock},
 };
 
-fn models_dir() -> PathBuf {
+pub fn models_dir() -> PathBuf {
     std::env::var_os("LMX_TEST_MODELS")
         .map(PathBuf::from)
         .unwrap_or_else(|| super::repo_root().join(".cache/models"))

@@ -14,7 +14,7 @@ use reqwest::{header, StatusCode};
 use serde::Deserialize;
 
 use super::progress::{DownloadErrorCode as Code, DownloadFailure};
-use crate::config::Secret;
+use crate::secret::Secret;
 
 /// A failure of one hub request.
 #[derive(Debug, Clone)]
@@ -87,7 +87,61 @@ pub fn classify(
 }
 
 fn transport(what: &str, err: &reqwest::Error) -> HubError {
-    HubError::Transient(format!("{what}: {}", crate::error::error_chain(err)))
+    HubError::Transient(format!("{what}: {}", crate::util::error_chain(err)))
+}
+
+/// Largest repository listing read from a hub (the real ones are a few hundred KiB).
+const MAX_LISTING_BYTES: usize = 32 << 20;
+
+/// A response body, refused past `max` bytes (a hostile hub cannot exhaust memory).
+async fn read_capped(
+    mut response: reqwest::Response,
+    max: usize,
+    what: &str,
+) -> Result<Vec<u8>, HubError> {
+    let too_big = || {
+        HubError::Fatal(DownloadFailure::new(
+            Code::HubUnavailable,
+            format!("{what}: the listing is larger than {max} bytes"),
+        ))
+    };
+    if response.content_length().is_some_and(|n| n > max as u64) {
+        return Err(too_big());
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(|e| transport(what, &e))? {
+        if body.len() + chunk.len() > max {
+            return Err(too_big());
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+fn is_hex(s: &str, len: usize) -> bool {
+    s.len() == len && s.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// The commit and every blob name become file names in the cache: they must be the hashes they
+/// claim to be (40 or 64 hex digits), never a path.
+fn check_listing(listing: &Listing) -> Result<(), String> {
+    if !is_hex(&listing.commit, 40) {
+        return Err(format!(
+            "a commit that is not 40 hex digits: {:?}",
+            listing.commit.chars().take(80).collect::<String>()
+        ));
+    }
+    for f in &listing.files {
+        let expected = if f.lfs { 64 } else { 40 };
+        if !(is_hex(&f.etag, expected) || (!f.lfs && is_hex(&f.etag, 64))) {
+            return Err(format!(
+                "a hash for {:?} that is not {expected} hex digits: {:?}",
+                f.path,
+                f.etag.chars().take(80).collect::<String>()
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// One file of a listing.
@@ -215,10 +269,14 @@ impl HubClient {
             });
         }
         files.sort_by(|a, b| a.path.cmp(&b.path));
-        Ok(Listing {
-            commit: info.sha,
+        let listing = Listing {
+            commit: info.sha.to_ascii_lowercase(),
             files,
-        })
+        };
+        check_listing(&listing).map_err(|message| {
+            DownloadFailure::new(Code::Internal, format!("{what}: the hub sent {message}"))
+        })?;
+        Ok(listing)
     }
 
     async fn info_once(&self, repo_id: &str, revision: &str, what: &str) -> Result<Info, HubError> {
@@ -238,10 +296,13 @@ impl HubClient {
                 .map(str::to_owned);
             return Err(classify(status, code.as_deref(), Code::RepoNotFound, what));
         }
-        response
-            .json::<Info>()
-            .await
-            .map_err(|e| transport(what, &e))
+        let body = read_capped(response, MAX_LISTING_BYTES, what).await?;
+        serde_json::from_slice::<Info>(&body).map_err(|e| {
+            HubError::Fatal(DownloadFailure::new(
+                Code::HubUnavailable,
+                format!("{what}: the listing does not parse: {e}"),
+            ))
+        })
     }
 
     /// A file's etag and size, from its resolve URL (for listings without hashes).
@@ -307,6 +368,32 @@ impl HubClient {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn listings_whose_hashes_are_paths_are_refused() {
+        let file = |etag: &str, lfs: bool| RemoteFile {
+            path: "model.safetensors".into(),
+            size: 1,
+            etag: etag.into(),
+            lfs,
+        };
+        let listing = |commit: &str, f: RemoteFile| Listing {
+            commit: commit.into(),
+            files: vec![f],
+        };
+        let (sha1, sha256) = ("a".repeat(40), "b".repeat(64));
+        assert!(check_listing(&listing(&sha1, file(&sha256, true))).is_ok());
+        assert!(check_listing(&listing(&sha1, file(&sha1, false))).is_ok());
+        for bad in [
+            listing("../../../escape", file(&sha256, true)),
+            listing(&sha1, file("../../../../evil", false)),
+            listing(&sha1, file(&sha1, true)),
+            listing(&format!("{sha1}/.."), file(&sha1, false)),
+            listing(&sha1, file(&format!("{}/x", "c".repeat(38)), false)),
+        ] {
+            assert!(check_listing(&bad).is_err(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn hub_answers_map_to_stable_codes() {

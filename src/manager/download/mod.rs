@@ -42,7 +42,7 @@ use super::{
     models::Registry,
     LoadSpec, ManagerError,
 };
-use crate::config::Secret;
+use crate::secret::Secret;
 use progress::Tracker;
 
 /// Download manager settings.
@@ -54,6 +54,10 @@ pub struct DownloadSettings {
     pub retry: RetryPolicy,
     /// Finished downloads kept for GetDownload / ListDownloads / WatchDownload.
     pub history: usize,
+    /// Downloads running at once; more are refused (TOO_MANY_DOWNLOADS).
+    pub max_active: usize,
+    /// Progress streams open at once; more are refused (TOO_MANY_WATCHERS).
+    pub max_watchers: usize,
 }
 
 impl DownloadSettings {
@@ -77,6 +81,8 @@ impl DownloadSettings {
                 max_delay: Duration::from_secs(10),
             },
             history: 256,
+            max_active: 4,
+            max_watchers: 64,
         }
     }
 }
@@ -97,7 +103,10 @@ pub struct BlobLocks(Arc<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>);
 
 impl BlobLocks {
     fn lock(&self, etag: &str) -> Arc<tokio::sync::Mutex<()>> {
-        let mut map = self.0.lock().expect("blob locks");
+        let mut map = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         map.retain(|_, m| Arc::strong_count(m) > 1);
         map.entry(etag.to_owned()).or_default().clone()
     }
@@ -123,6 +132,8 @@ pub struct Downloads {
     ctx: Arc<task::Context>,
     tasks: Arc<Mutex<Tasks>>,
     history: usize,
+    max_active: usize,
+    watchers: Arc<tokio::sync::Semaphore>,
 }
 
 fn new_id() -> String {
@@ -157,11 +168,33 @@ impl Downloads {
             }),
             tasks: Arc::new(Mutex::new(Tasks::default())),
             history: settings.history,
+            max_active: settings.max_active.max(1),
+            watchers: Arc::new(tokio::sync::Semaphore::new(settings.max_watchers.max(1))),
         })
     }
 
+    /// A new watcher's place, or a refusal when `max_watchers` streams are open.
+    fn watcher_slot(&self) -> Result<tokio::sync::OwnedSemaphorePermit, ManagerError> {
+        self.watchers
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| ManagerError::Exhausted {
+                reason: "TOO_MANY_WATCHERS",
+                message: "too many download progress streams are open (--max-watchers); \
+                          close one, or poll GetDownload instead"
+                    .to_owned(),
+            })
+    }
+
+    fn watcher(&self, mut rx: ProgressRx) -> Result<ProgressRx, ManagerError> {
+        rx.slot = Some(self.watcher_slot()?);
+        Ok(rx)
+    }
+
     fn tasks(&self) -> std::sync::MutexGuard<'_, Tasks> {
-        self.tasks.lock().expect("download tasks")
+        self.tasks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Starts a download, or joins the one running for the same (repo, revision). Names and
@@ -179,9 +212,22 @@ impl Downloads {
         let key = (request.repo_id.clone(), revision.clone());
 
         let mut tasks = self.tasks();
-        if let Some(id) = tasks.running.get(&key) {
-            return Ok(tasks.by_id[id].tracker.subscribe());
+        if let Some(entry) = tasks.running.get(&key).and_then(|id| tasks.by_id.get(id)) {
+            let rx = entry.tracker.subscribe();
+            drop(tasks);
+            return self.watcher(rx);
         }
+        if tasks.running.len() >= self.max_active {
+            return Err(ManagerError::Exhausted {
+                reason: "TOO_MANY_DOWNLOADS",
+                message: format!(
+                    "{} downloads are running, the limit (--max-downloads); retry when one has finished",
+                    tasks.running.len()
+                ),
+            });
+        }
+        // The watcher's place first: a refused caller starts nothing.
+        let slot = self.watcher_slot()?;
         let id = new_id();
         let now = SystemTime::now();
         let tracker = Tracker::new(Progress {
@@ -214,7 +260,8 @@ impl Downloads {
             ignore_patterns: request.ignore_patterns.clone(),
             seq: 0,
         });
-        let rx = tracker.subscribe();
+        let mut rx = tracker.subscribe();
+        rx.slot = Some(slot);
         let entry = Arc::new(Entry {
             key: key.clone(),
             tracker: tracker.clone(),
@@ -267,8 +314,10 @@ impl Downloads {
     }
 
     /// Follows a download by id.
-    pub fn watch(&self, id: &str) -> Option<ProgressRx> {
-        self.tasks().by_id.get(id).map(|e| e.tracker.subscribe())
+    /// None for an unknown id; an error when `max_watchers` streams are open.
+    pub fn watch(&self, id: &str) -> Result<Option<ProgressRx>, ManagerError> {
+        let rx = self.tasks().by_id.get(id).map(|e| e.tracker.subscribe());
+        rx.map(|rx| self.watcher(rx)).transpose()
     }
 
     /// The current progress of a download.

@@ -207,6 +207,8 @@ impl FileCounters {
 pub struct ProgressRx {
     pub latest: watch::Receiver<Progress>,
     pub events: broadcast::Receiver<Progress>,
+    /// The watcher's place among `max_watchers`, released when it is dropped.
+    pub(super) slot: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 /// Publications a watcher may fall behind by before it skips to the latest state.
@@ -250,6 +252,7 @@ impl Tracker {
         ProgressRx {
             latest: self.tx.subscribe(),
             events,
+            slot: None,
         }
     }
 
@@ -272,12 +275,19 @@ impl Tracker {
 
     /// Registers the files of the plan.
     pub fn set_files(&self, files: Vec<Arc<FileCounters>>) {
-        *self.files.lock().expect("files lock") = files;
+        *self
+            .files
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = files;
     }
 
     /// Applies `edit` and publishes at once (state changes).
     pub fn update(&self, edit: impl FnOnce(&mut Progress)) {
-        let files = self.files.lock().expect("files lock").clone();
+        let files = self
+            .files
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
         self.publish(|p| {
             edit(p);
             fold(p, &files, None);
@@ -290,7 +300,11 @@ impl Tracker {
 
     /// Folds the counters in, with a new rate estimate (the 250 ms ticker).
     pub fn tick(&self) {
-        let files = self.files.lock().expect("files lock").clone();
+        let files = self
+            .files
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
         let downloaded: u64 = files
             .iter()
             .map(|f| f.downloaded.load(Ordering::Relaxed))
@@ -300,7 +314,10 @@ impl Tracker {
             .map(|f| f.resumed.load(Ordering::Relaxed))
             .sum();
         let rate = {
-            let mut r = self.rate.lock().expect("rate lock");
+            let mut r = self
+                .rate
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             let now = Instant::now();
             let dt = now.duration_since(r.last_at).as_secs_f64();
             if dt > 0.0 {

@@ -311,7 +311,9 @@ impl Transfer<'_> {
             .await
             .map_err(|e| io_failure("opening the partial file", &e))?;
         loop {
-            let part = parts.lock().expect("parts lock")[index];
+            let part = parts
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)[index];
             if part.complete() {
                 return Ok(());
             }
@@ -321,13 +323,19 @@ impl Transfer<'_> {
             let error = match result {
                 Ok(()) => continue,
                 Err(StreamError::Fatal(f)) => {
-                    let snapshot = parts.lock().expect("parts lock").clone();
+                    let snapshot = parts
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .clone();
                     let _ = self.persist(&snapshot);
                     return Err(f);
                 }
                 Err(StreamError::Transient(e)) => e,
             };
-            let snapshot = parts.lock().expect("parts lock").clone();
+            let snapshot = parts
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone();
             self.persist(&snapshot)?;
             match Iterator::next(&mut backoff) {
                 Some(delay) => {
@@ -362,7 +370,9 @@ impl Transfer<'_> {
         index: usize,
         mut hasher: Option<&mut BlobHasher>,
     ) -> Result<(), StreamError> {
-        let part = parts.lock().expect("parts lock")[index];
+        let part = parts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)[index];
         let offset = part.start + part.done;
         let response = tokio::select! {
             r = self.hub.get_range(url, offset, part.end, what) => r,
@@ -396,7 +406,10 @@ impl Transfer<'_> {
                 file.flush()
                     .await
                     .map_err(|e| StreamError::Fatal(io_failure("writing the partial file", &e)))?;
-                let snapshot = parts.lock().expect("parts lock").clone();
+                let snapshot = parts
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .clone();
                 self.persist(&snapshot).map_err(StreamError::Fatal)?;
             }
             let next = tokio::select! {
@@ -419,14 +432,16 @@ impl Transfer<'_> {
                 None => break,
                 Some(Err(e)) => {
                     return Err(StreamError::Transient(Interrupted {
-                        message: format!("{what}: {}", crate::error::error_chain(&e)),
+                        message: format!("{what}: {}", crate::util::error_chain(&e)),
                         short_body: ended_early(&e),
                     }))
                 }
                 Some(Ok(chunk)) => chunk,
             };
             let room = {
-                let p = parts.lock().expect("parts lock")[index];
+                let p = parts
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)[index];
                 p.end - (p.start + p.done)
             };
             let chunk = &chunk[..chunk.len().min(room as usize)];
@@ -437,7 +452,10 @@ impl Transfer<'_> {
                 h.update(chunk);
             }
             let n = chunk.len() as u64;
-            parts.lock().expect("parts lock")[index].done += n;
+            parts
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)[index]
+                .done += n;
             self.counters.downloaded.fetch_add(n, Ordering::Relaxed);
             metrics::counter!("lmx_download_bytes_total").increment(n);
             dirty = true;
@@ -448,9 +466,14 @@ impl Transfer<'_> {
         file.flush()
             .await
             .map_err(|e| StreamError::Fatal(io_failure("writing the partial file", &e)))?;
-        let part = parts.lock().expect("parts lock")[index];
+        let part = parts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)[index];
         if part.complete() {
-            let snapshot = parts.lock().expect("parts lock").clone();
+            let snapshot = parts
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone();
             self.persist(&snapshot).map_err(StreamError::Fatal)?;
             Ok(())
         } else {
