@@ -502,14 +502,7 @@ fn batch_independence(dir: &Path, prompts: &[&str], max_tokens: i32) {
         .map(|p| engine.generate(text(p), &greedy(max_tokens)).unwrap())
         .collect();
     for (i, mut rx) in streams.into_iter().enumerate() {
-        let mut ids = Vec::new();
-        loop {
-            match rx.blocking_recv().expect("completion") {
-                StreamEvent::Token(t) => ids.push(t.id),
-                StreamEvent::Done(_) => break,
-                StreamEvent::Failed(e) => panic!("{e}"),
-            }
-        }
+        let ids = drain(&mut rx);
         assert_eq!(
             ids, solo[i],
             "prompt {i} {:?} differs in the batch",
@@ -623,6 +616,18 @@ fn a_long_prompt_is_prefilled_in_chunks_between_decode_steps() {
 
 fn ids(tokens: &[TokenEvent]) -> Vec<u32> {
     tokens.iter().map(|t| t.id).collect()
+}
+
+/// The ids a running stream still sends, to its completion.
+fn drain(rx: &mut mpsc::UnboundedReceiver<StreamEvent>) -> Vec<u32> {
+    let mut ids = Vec::new();
+    loop {
+        match rx.blocking_recv().expect("completion") {
+            StreamEvent::Token(t) => ids.push(t.id),
+            StreamEvent::Done(_) => return ids,
+            StreamEvent::Failed(e) => panic!("{e}"),
+        }
+    }
 }
 
 /// A conversation's second turn starts with the first turn's prompt and answer: its prompt
@@ -809,14 +814,7 @@ fn kv_memory_is_budgeted_refused_with_numbers_or_waited_for() {
         rest.push(t.id);
     }
     let mut second = second;
-    let mut got = Vec::new();
-    loop {
-        match second.blocking_recv().expect("completion") {
-            StreamEvent::Token(t) => got.push(t.id),
-            StreamEvent::Done(_) => break,
-            StreamEvent::Failed(e) => panic!("{e}"),
-        }
-    }
+    let got = drain(&mut second);
     assert_eq!(got, solo);
 }
 
@@ -863,13 +861,7 @@ fn a_cancelled_stream_leaves_the_batch_and_the_others_are_unaffected() {
     for (i, s) in streams.into_iter().enumerate() {
         let Some(mut rx) = s else { continue };
         let mut got = vec![firsts[i]];
-        loop {
-            match rx.blocking_recv().expect("completion") {
-                StreamEvent::Token(t) => got.push(t.id),
-                StreamEvent::Done(_) => break,
-                StreamEvent::Failed(e) => panic!("{e}"),
-            }
-        }
+        got.extend(drain(&mut rx));
         assert_eq!(got, solo[i], "stream {i}");
     }
     wait_until("every sequence to end", || engine.stats().in_flight == 0);
@@ -901,14 +893,7 @@ fn the_candle_batched_path_batches_and_reuses_prefixes_like_the_native_one() {
         .map(|p| candle.generate(text(p), &greedy(16)).unwrap())
         .collect();
     for (i, mut rx) in streams.into_iter().enumerate() {
-        let mut got = Vec::new();
-        loop {
-            match rx.blocking_recv().expect("completion") {
-                StreamEvent::Token(t) => got.push(t.id),
-                StreamEvent::Done(_) => break,
-                StreamEvent::Failed(e) => panic!("{e}"),
-            }
-        }
+        let got = drain(&mut rx);
         assert_eq!(got, solo[i], "prompt {i}");
     }
     // Every prompt ran once: running one again reuses its kept prefix.
@@ -952,14 +937,7 @@ fn cuda_engine_batches_concurrent_streams_like_the_cpu_engine() {
         .collect();
     let mut agree = 0;
     for (i, mut rx) in streams.into_iter().enumerate() {
-        let mut got = Vec::new();
-        loop {
-            match rx.blocking_recv().expect("completion") {
-                StreamEvent::Token(t) => got.push(t.id),
-                StreamEvent::Done(_) => break,
-                StreamEvent::Failed(e) => panic!("{e}"),
-            }
-        }
+        let got = drain(&mut rx);
         eprintln!(
             "cuda batch prompt {i}: {} of {} tokens as on the CPU",
             prefix::common_prefix(&got, &solo[i]),
