@@ -4,10 +4,13 @@
 //! Shapes are SmolLM2-135M's (hidden 576, ffn 1536, vocab 49152): attention and FFN weights and
 //! the tied output head. For every GGUF kind whose blocks divide the columns: decode (one
 //! activation row) and prefill (128 rows). Printed: GFLOP/s and GB/s of weights read for lmx
-//! and candle, and the speed ratio lmx / candle. `LMX_KERNELS=scalar|avx2` caps lmx's flavour;
+//! and candle, and the speed ratio lmx / candle; for the kinds that this CPU runs in
+//! interleaved panels (`quant::Interleaved`, as the native model loads them), the same for the
+//! panel kernel. `LMX_KERNELS=scalar|avx2` caps lmx's flavour;
 //! `RAYON_NUM_THREADS` sets the threads of both. `BENCH_SECS` sets the time spent per figure
 //! (default 0.3); `BENCH_ONLY=substring` keeps the lines whose shape, kind and mode
-//! (`"head 49152x576 Q4_1 decode"`, `prefill`) contain it.
+//! (`"head 49152x576 Q4_1 decode"`, `prefill`) contain it. `BENCH_TOKENS=1,8,16,128` sets the
+//! activation rows measured (default `1,128`; rows above 1 are "prefill").
 
 use std::time::{Duration, Instant};
 
@@ -17,7 +20,7 @@ use candle_core::{
 };
 use lmx::engine::kernels::{
     self,
-    quant::{self, QuantKind, QuantScratch},
+    quant::{self, Interleaved, QuantKind, QuantScratch},
 };
 
 const SHAPES: [(&str, usize, usize); 4] = [
@@ -79,23 +82,30 @@ fn main() {
             .and_then(|s| s.parse().ok())
             .unwrap_or(0.3),
     );
+    let tokens: Vec<usize> = std::env::var("BENCH_TOKENS")
+        .ok()
+        .map(|s| s.split(',').filter_map(|v| v.trim().parse().ok()).collect())
+        .filter(|v: &Vec<usize>| !v.is_empty())
+        .unwrap_or_else(|| vec![1, 128]);
     println!("{}", kernels::describe_cpu());
     println!(
-        "{:<18} {:<5} {:>7}  {:>16} {:>16}  {:>6}",
-        "shape", "kind", "tokens", "lmx GFLOP/s GB/s", "candle", "ratio"
+        "{:<18} {:<5} {:>7}  {:>16} {:>16}  {:>6}  {:>16} {:>6}",
+        "shape", "kind", "tokens", "lmx GFLOP/s GB/s", "candle", "ratio", "panels", "ratio"
     );
     for (name, rows, cols) in SHAPES {
         let w = Tensor::from_vec(values(rows * cols, 7), (rows, cols), &Device::Cpu).unwrap();
         for (kind, dtype) in KINDS {
             let mode = |n: usize| if n == 1 { "decode" } else { "prefill" };
             let wanted = |n: usize| format!("{name} {kind:?} {}", mode(n)).contains(&only);
-            if cols % kind.block_elems() != 0 || !(wanted(1) || wanted(128)) {
+            if cols % kind.block_elems() != 0 || !tokens.iter().any(|&n| wanted(n)) {
                 continue;
             }
             let qtensor = QTensor::quantize(&w, dtype).unwrap();
             let bytes = qtensor.data().unwrap().into_owned();
             let qmatmul = QMatMul::from_qtensor(qtensor).unwrap();
-            for n in [1, 128].into_iter().filter(|&n| wanted(n)) {
+            let panels =
+                Interleaved::pays(kind).then(|| Interleaved::pack(kind, &bytes, rows, cols));
+            for n in tokens.iter().copied().filter(|&n| wanted(n)) {
                 let x = values(n * cols, 11 + n as u64);
                 let xt = Tensor::from_vec(x.clone(), (n, cols), &Device::Cpu).unwrap();
                 let mut y = vec![0f32; n * rows];
@@ -108,20 +118,36 @@ fn main() {
                 let theirs = time(budget, || {
                     std::hint::black_box(qmatmul.forward(&xt).unwrap());
                 });
+                let interleaved = panels.as_ref().map(|p| {
+                    kernels::in_pool(|| {
+                        time(budget, || {
+                            quant::matmul_interleaved(p, &x, n, &mut y, &mut scratch)
+                        })
+                    })
+                });
                 let flop = 2.0 * (rows * cols * n) as f64;
                 let gbytes = bytes.len() as f64 / 1e9;
                 let fig = |t: Duration| {
                     let s = t.as_secs_f64();
                     format!("{:>7.1} {:>7.1}", flop / s / 1e9, gbytes / s)
                 };
+                let (panels_fig, panels_ratio) = match interleaved {
+                    Some(t) => (
+                        fig(t),
+                        format!("{:.2}x", theirs.as_secs_f64() / t.as_secs_f64()),
+                    ),
+                    None => ("-".into(), "-".into()),
+                };
                 println!(
-                    "{:<18} {:<5} {:>7}  {} {}  {:>5.2}x",
+                    "{:<18} {:<5} {:>7}  {} {}  {:>5.2}x  {:>16} {:>6}",
                     name,
                     format!("{kind:?}"),
                     n,
                     fig(ours),
                     fig(theirs),
-                    theirs.as_secs_f64() / ours.as_secs_f64()
+                    theirs.as_secs_f64() / ours.as_secs_f64(),
+                    panels_fig,
+                    panels_ratio
                 );
             }
         }

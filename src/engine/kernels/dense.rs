@@ -253,6 +253,37 @@ mod avx512 {
         ))
     );
 
+    /// The lane sums of 16 registers, lane `4q + i` holding the sum of register `4i + q`: a
+    /// tree of 128-bit and 32-bit shuffles (15 pairs), about two shuffles per sum where one
+    /// `_mm512_reduce_add_ps` takes four.
+    #[inline(always)]
+    unsafe fn sums16(v: [__m512; 16]) -> __m512 {
+        // 16 → 8: each 256-bit half holds 8 lanes of one register.
+        let u: [__m512; 8] = std::array::from_fn(|k| {
+            let (x, y) = (v[2 * k], v[2 * k + 1]);
+            _mm512_add_ps(
+                _mm512_shuffle_f32x4::<0b01_00_01_00>(x, y),
+                _mm512_shuffle_f32x4::<0b11_10_11_10>(x, y),
+            )
+        });
+        // 8 → 4: each 128-bit quarter holds 4 lanes of one register.
+        let w: [__m512; 4] = std::array::from_fn(|k| {
+            let (x, y) = (u[2 * k], u[2 * k + 1]);
+            _mm512_add_ps(
+                _mm512_shuffle_f32x4::<0b10_00_10_00>(x, y),
+                _mm512_shuffle_f32x4::<0b11_01_11_01>(x, y),
+            )
+        });
+        // 4 → 2 → 1 within each quarter.
+        let pair = |x: __m512, y: __m512| {
+            _mm512_add_ps(
+                _mm512_shuffle_ps::<0b10_00_10_00>(x, y),
+                _mm512_shuffle_ps::<0b11_01_11_01>(x, y),
+            )
+        };
+        pair(pair(w[0], w[1]), pair(w[2], w[3]))
+    }
+
     /// A T×R tile: out[t][r] = dot(x row t, w row r) over `cols`.
     macro_rules! tile {
         ($name:ident, $ty:ty, $load:ident, $load_part:ident) => {
@@ -293,9 +324,26 @@ mod avx512 {
                         }
                     }
                 }
-                for t in 0..T {
-                    for r in 0..R {
-                        out[t][r] = _mm512_reduce_add_ps(acc[t][r]);
+                if T * R >= 8 {
+                    // One transposing reduction for the whole tile (padded to 16).
+                    let mut v = [_mm512_setzero_ps(); 16];
+                    for t in 0..T {
+                        for r in 0..R {
+                            let k = t * R + r;
+                            v[4 * (k % 4) + k / 4] = acc[t][r];
+                        }
+                    }
+                    let sums: [f32; 16] = std::mem::transmute(sums16(v));
+                    for t in 0..T {
+                        for r in 0..R {
+                            out[t][r] = sums[t * R + r];
+                        }
+                    }
+                } else {
+                    for t in 0..T {
+                        for r in 0..R {
+                            out[t][r] = _mm512_reduce_add_ps(acc[t][r]);
+                        }
                     }
                 }
             }
@@ -540,6 +588,11 @@ mod tests {
             (40, 576, 1),
             (37, 100, 9),
             (64, 64, 4),
+            // Attention's shapes: scores against 40 keys, values of 64 dimensions.
+            (40, 64, 3),
+            (64, 40, 3),
+            (45, 64, 2),
+            (64, 45, 6),
         ] {
             let w32 = random(rows * cols, 1);
             let x = random(n * cols, 2);

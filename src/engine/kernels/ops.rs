@@ -10,6 +10,7 @@ use super::Isa;
 
 /// e^x for finite x; 0 below -87.3, +inf above 88.7.
 #[inline(always)]
+#[allow(clippy::manual_clamp)] // `clamp` would keep NaN, which may not reach `to_int_unchecked`.
 fn exp(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_359_4;
@@ -25,7 +26,11 @@ fn exp(x: f32) -> f32 {
     let p = p.mul_add(r, 1.666_666_5e-1);
     let p = p.mul_add(r, 0.5);
     let p = (p * r).mul_add(r, r) + 1.0;
-    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    // Not `n as i32`: its saturating conversion does not vectorise (one lane at a time).
+    // SAFETY: `max` and `min` map NaN to -127 (the result stays NaN through `p`) and bound
+    // the rest to [-127, 128], integers an i32 holds.
+    let n = unsafe { n.max(-127.0).min(128.0).to_int_unchecked::<i32>() };
+    let scale = f32::from_bits(((n + 127) as u32) << 23);
     p * scale
 }
 
@@ -97,11 +102,39 @@ pub fn rms_norm_in_place(x: &mut [f32], weight: &[f32], eps: f32) {
 
 #[inline(always)]
 fn softmax_body(x: &mut [f32]) {
-    let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-    let mut sum = 0f32;
-    for v in x.iter_mut() {
-        *v = exp(*v - max);
-        sum += *v;
+    // 16 running maxima and sums (a single running one would keep every step in order,
+    // one lane at a time); the tail goes through a padded block of 16.
+    let mut m = [f32::NEG_INFINITY; 16];
+    let mut chunks = x.chunks_exact(16);
+    for c in &mut chunks {
+        for i in 0..16 {
+            m[i] = m[i].max(c[i]);
+        }
+    }
+    let max = chunks.remainder().iter().fold(
+        m.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)),
+        |a, &b| a.max(b),
+    );
+    let mut acc = [0f32; 16];
+    let mut chunks = x.chunks_exact_mut(16);
+    for c in &mut chunks {
+        for i in 0..16 {
+            c[i] = exp(c[i] - max);
+            acc[i] += c[i];
+        }
+    }
+    let mut sum: f32 = acc.iter().sum();
+    let tail = chunks.into_remainder();
+    if !tail.is_empty() {
+        let mut block = [0f32; 16];
+        block[..tail.len()].copy_from_slice(tail);
+        for v in block.iter_mut() {
+            *v = exp(*v - max);
+        }
+        for (v, e) in tail.iter_mut().zip(block) {
+            *v = e;
+            sum += e;
+        }
     }
     let inv = 1.0 / sum;
     for v in x.iter_mut() {

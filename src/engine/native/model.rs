@@ -8,6 +8,7 @@ use super::{
     weights::{Fused, Linear, Source},
 };
 use crate::engine::kernels::{
+    self,
     dense::{self, DenseWeights},
     ops,
     quant::QuantScratch,
@@ -379,12 +380,7 @@ impl Model {
                     ops::rope(head, cos, sin, c.rope_style);
                 }
             }
-            let mut first = 0;
-            for s in steps.iter_mut() {
-                let n = s.tokens.len();
-                self.attention(li, s, first, n, ws);
-                first += n;
-            }
+            self.attention_all(li, steps, total, ws);
             layer
                 .o
                 .forward(&ws.attn, total, &mut ws.proj, &mut ws.scratch);
@@ -398,10 +394,24 @@ impl Model {
             layer
                 .gate_up
                 .forward(&ws.xn, total, &mut ws.gate_up, &mut ws.tmp, &mut ws.scratch);
-            for t in 0..total {
-                let gu = &ws.gate_up[t * 2 * c.ffn..(t + 1) * 2 * c.ffn];
-                let (g, u) = gu.split_at(c.ffn);
-                ops::swiglu(g, u, &mut ws.act[t * c.ffn..(t + 1) * c.ffn]);
+            // Many tokens' activations are split among rayon's threads (an exp and a division
+            // per value: ~10 µs per layer for 16 tokens).
+            let ffn = c.ffn;
+            let (act, gate_up) = (&mut ws.act[..total * ffn], &ws.gate_up[..total * 2 * ffn]);
+            let swiglu = |(out, gu): (&mut [f32], &[f32])| {
+                let (g, u) = gu.split_at(ffn);
+                ops::swiglu(g, u, out);
+            };
+            if total >= 8 {
+                use rayon::prelude::*;
+                act.par_chunks_mut(ffn)
+                    .zip(gate_up.par_chunks(2 * ffn))
+                    .with_min_len(4)
+                    .for_each(swiglu);
+            } else {
+                act.chunks_mut(ffn)
+                    .zip(gate_up.chunks(2 * ffn))
+                    .for_each(swiglu);
             }
             layer
                 .down
@@ -432,29 +442,156 @@ impl Model {
         Ok(())
     }
 
-    /// Attention of one step's `n` tokens (rows `first..first + n` of the call) against its
-    /// cache: stores their keys and values, then for each key/value head computes the scores
-    /// of all the heads that share it as one product, masks, softmaxes and sums the values as
-    /// a second product.
+    /// Attention of every step (see [`Model::attention`]). One step runs on the calling thread
+    /// with the workspace's buffers; several are shared among rayon's threads in runs of
+    /// consecutive steps (each sequence's attention is a chain of small products, too small to
+    /// split further), each step with its own part of `ws.tmp` as buffers.
+    fn attention_all(
+        &self,
+        layer: usize,
+        steps: &mut [Step<'_>],
+        total: usize,
+        ws: &mut Workspace,
+    ) {
+        let c = &self.config;
+        let (hd, group) = (c.head_dim, c.heads / c.kv_heads);
+        let (q_dim, kv_dim) = (c.heads * hd, c.kv_heads * hd);
+        let qkv = &ws.qkv[..total * (q_dim + 2 * kv_dim)];
+        let attn = &mut ws.attn[..total * q_dim];
+        if let [s] = steps {
+            let n = s.tokens.len();
+            let (rows, kv_len) = (n * group, s.cache.len + n);
+            grow(&mut ws.att_q, rows * hd);
+            grow(&mut ws.scores, rows * kv_len);
+            grow(&mut ws.att_out, rows * hd);
+            let bufs = AttentionBuffers {
+                q: &mut ws.att_q[..rows * hd],
+                scores: &mut ws.scores[..rows * kv_len],
+                out: &mut ws.att_out[..rows * hd],
+            };
+            self.prefetch_cache(layer, s);
+            self.attention(layer, s.cache, qkv, attn, bufs);
+            return;
+        }
+        let need: usize = steps.iter().map(|s| self.attention_floats(s)).sum();
+        grow(&mut ws.tmp, need);
+        // Runs of consecutive steps, about two per thread.
+        let run = steps
+            .len()
+            .div_ceil(2 * rayon::current_num_threads())
+            .max(1);
+        self.attention_split(layer, steps, run, qkv, attn, &mut ws.tmp[..need]);
+    }
+
+    /// The buffers [`Model::attention`] takes for step `s`.
+    fn attention_floats(&self, s: &Step<'_>) -> usize {
+        let c = &self.config;
+        let n = s.tokens.len();
+        n * (c.heads / c.kv_heads) * (2 * c.head_dim + s.cache.len + n)
+    }
+
+    /// [`Model::attention_all`] of `steps`, whose rows of the call's q/k/v and attention outputs
+    /// are `qkv` and `attn`, with buffers from `tmp` ([`Model::attention_floats`] per step):
+    /// split in halves among rayon's threads down to runs of at most `run` steps, which go one
+    /// after the other, each step's keys and values fetched while the one before computes.
+    fn attention_split(
+        &self,
+        layer: usize,
+        steps: &mut [Step<'_>],
+        run: usize,
+        qkv: &[f32],
+        attn: &mut [f32],
+        mut tmp: &mut [f32],
+    ) {
+        let c = &self.config;
+        let (hd, group) = (c.head_dim, c.heads / c.kv_heads);
+        let (q_dim, kv_dim) = (c.heads * hd, c.kv_heads * hd);
+        let qkv_w = q_dim + 2 * kv_dim;
+        if steps.len() > run {
+            let (left, right) = steps.split_at_mut(steps.len() / 2);
+            let tokens: usize = left.iter().map(|s| s.tokens.len()).sum();
+            let floats: usize = left.iter().map(|s| self.attention_floats(s)).sum();
+            let (qkv_l, qkv_r) = qkv.split_at(tokens * qkv_w);
+            let (attn_l, attn_r) = attn.split_at_mut(tokens * q_dim);
+            let (tmp_l, tmp_r) = tmp.split_at_mut(floats);
+            rayon::join(
+                || self.attention_split(layer, left, run, qkv_l, attn_l, tmp_l),
+                || self.attention_split(layer, right, run, qkv_r, attn_r, tmp_r),
+            );
+            return;
+        }
+        if let Some(s) = steps.first() {
+            self.prefetch_cache(layer, s);
+        }
+        let (mut qkv, mut attn) = (qkv, attn);
+        for i in 0..steps.len() {
+            if let Some(next) = steps.get(i + 1) {
+                self.prefetch_cache(layer, next);
+            }
+            let s = &mut steps[i];
+            let n = s.tokens.len();
+            let (rows, kv_len) = (n * group, s.cache.len + n);
+            let (q, rest) = std::mem::take(&mut tmp).split_at_mut(rows * hd);
+            let (out, rest) = rest.split_at_mut(rows * hd);
+            let (scores, rest) = rest.split_at_mut(rows * kv_len);
+            tmp = rest;
+            let (step_qkv, rest) = qkv.split_at(n * qkv_w);
+            qkv = rest;
+            let (step_attn, rest) = std::mem::take(&mut attn).split_at_mut(n * q_dim);
+            attn = rest;
+            let bufs = AttentionBuffers { q, scores, out };
+            self.attention(layer, s.cache, step_qkv, step_attn, bufs);
+        }
+    }
+
+    /// Asks for the keys and values that step `s`'s attention reads at `layer` (its cached
+    /// positions and the new ones, up to 64 KiB) to be brought into L2: each sequence's are read
+    /// once per step, from memory or L3.
+    fn prefetch_cache(&self, layer: usize, s: &Step<'_>) {
+        let cache = &*s.cache;
+        let hd = cache.head_dim;
+        let kv_len = cache.len + s.tokens.len();
+        let mut budget = 64 * 1024 / std::mem::size_of::<f32>();
+        for g in 0..cache.kv_heads {
+            let off = cache.head_offset(layer, g);
+            let keys = (kv_len * hd).min(budget);
+            kernels::prefetch(&cache.keys[off..off + keys]);
+            budget -= keys;
+            for d in 0..hd {
+                let live = kv_len.min(budget);
+                let row = off + d * cache.capacity;
+                kernels::prefetch(&cache.values_t[row..row + live]);
+                budget -= live;
+            }
+            if budget == 0 {
+                break;
+            }
+        }
+    }
+
+    /// Attention of one step's tokens (`qkv`: their rows of q, k and v; `attn`: their output
+    /// rows) against its cache: stores their keys and values, then for each key/value head
+    /// computes the scores of all the heads that share it as one product, masks, softmaxes and
+    /// sums the values as a second product.
     fn attention(
         &self,
         layer: usize,
-        s: &mut Step<'_>,
-        first: usize,
-        n: usize,
-        ws: &mut Workspace,
+        cache: &mut KvCache,
+        qkv: &[f32],
+        attn: &mut [f32],
+        bufs: AttentionBuffers<'_>,
     ) {
         let c = &self.config;
         let hd = c.head_dim;
         let (q_dim, kv_dim) = (c.heads * hd, c.kv_heads * hd);
         let qkv_w = q_dim + 2 * kv_dim;
+        let n = qkv.len() / qkv_w;
         let group = c.heads / c.kv_heads;
-        let cache = &mut *s.cache;
         let start = cache.len;
         let kv_len = start + n;
         let cap = cache.capacity;
         for i in 0..n {
-            let row = &ws.qkv[(first + i) * qkv_w..(first + i + 1) * qkv_w];
+            let row = &qkv[i * qkv_w..(i + 1) * qkv_w];
             for g in 0..c.kv_heads {
                 let off = cache.head_offset(layer, g);
                 let k = &row[q_dim + g * hd..q_dim + (g + 1) * hd];
@@ -466,24 +603,32 @@ impl Model {
             }
         }
         let rows = n * group;
-        grow(&mut ws.att_q, rows * hd);
-        grow(&mut ws.scores, rows * kv_len);
-        grow(&mut ws.att_out, rows * hd);
+        let AttentionBuffers {
+            q: att_q,
+            scores,
+            out: att_out,
+        } = bufs;
         let scale = 1.0 / (hd as f32).sqrt();
         for g in 0..c.kv_heads {
-            // The queries of the group's heads, row (token i, head h) = i·group + h.
-            for i in 0..n {
-                let row = &ws.qkv[(first + i) * qkv_w..];
-                for h in 0..group {
-                    let head = g * group + h;
-                    ws.att_q[(i * group + h) * hd..(i * group + h + 1) * hd]
-                        .copy_from_slice(&row[head * hd..(head + 1) * hd]);
+            // The queries of the group's heads, row (token i, head h) = i·group + h: for one
+            // token, the group's heads as they lie in its row of q.
+            let heads = g * group * hd..(g + 1) * group * hd;
+            let q = if n == 1 {
+                &qkv[heads.clone()]
+            } else {
+                for i in 0..n {
+                    let row = &qkv[i * qkv_w..];
+                    for h in 0..group {
+                        let head = g * group + h;
+                        att_q[(i * group + h) * hd..(i * group + h + 1) * hd]
+                            .copy_from_slice(&row[head * hd..(head + 1) * hd]);
+                    }
                 }
-            }
+                &att_q[..rows * hd]
+            };
             let off = cache.head_offset(layer, g);
             let keys = &cache.keys[off..off + kv_len * hd];
-            let scores = &mut ws.scores[..rows * kv_len];
-            dense::matmul(DenseWeights::F32(keys), kv_len, hd, &ws.att_q, rows, scores);
+            dense::matmul(DenseWeights::F32(keys), kv_len, hd, q, rows, scores);
             for i in 0..n {
                 let pos = start + i;
                 let lo = c.sliding_window.map_or(0, |w| (pos + 1).saturating_sub(w));
@@ -498,6 +643,11 @@ impl Model {
             }
             // out = P · V: the transposed values are hd rows of stride `cap`.
             let values = &cache.values_t[off..off + hd * cap];
+            let out = if n == 1 {
+                &mut attn[heads]
+            } else {
+                &mut att_out[..]
+            };
             dense::matmul_strided(
                 DenseWeights::F32(values),
                 hd,
@@ -505,19 +655,29 @@ impl Model {
                 cap,
                 scores,
                 rows,
-                &mut ws.att_out[..rows * hd],
+                out,
             );
+            if n == 1 {
+                continue;
+            }
             for i in 0..n {
-                let dst = &mut ws.attn[(first + i) * q_dim..(first + i + 1) * q_dim];
+                let dst = &mut attn[i * q_dim..(i + 1) * q_dim];
                 for h in 0..group {
                     let head = g * group + h;
-                    dst[head * hd..(head + 1) * hd].copy_from_slice(
-                        &ws.att_out[(i * group + h) * hd..(i * group + h + 1) * hd],
-                    );
+                    dst[head * hd..(head + 1) * hd]
+                        .copy_from_slice(&att_out[(i * group + h) * hd..(i * group + h + 1) * hd]);
                 }
             }
         }
     }
+}
+
+/// The buffers of one step's attention: queries of a key/value head's group, their scores,
+/// and their outputs.
+struct AttentionBuffers<'a> {
+    q: &'a mut [f32],
+    scores: &'a mut [f32],
+    out: &'a mut [f32],
 }
 
 impl std::fmt::Debug for Model {

@@ -325,3 +325,75 @@ fn half_precision_weights_track_the_f32_run() {
         assert!(err < 5e-2 && err > 0.0, "{dtype:?}: {err}");
     }
 }
+
+/// Many sequences in one call (the quantized kernels' tiles of up to 8 tokens, attention shared
+/// among threads, SwiGLU split) equal each sequence alone, on a Q4_1 GGUF: prompts in one
+/// call, then decode steps of one token each.
+#[test]
+fn many_sequences_of_a_quantized_gguf_in_one_call_equal_separate_calls() {
+    use candle_core::quantized::GgmlDType;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.gguf");
+    std::fs::write(&path, tiny::spm_llama_gguf_with(9, GgmlDType::Q4_1)).unwrap();
+    let content = || gguf_file::Content::read(&mut std::fs::File::open(&path).unwrap()).unwrap();
+    let config = NativeConfig::from_gguf(&content()).unwrap();
+    let model = load_gguf(config, &path, content()).unwrap();
+    let vocab = model.config.vocab;
+    let (count, decode_steps) = (11, 3);
+    let prompt = |i: usize| &PROMPT[i % 5..PROMPT.len() - i % 3];
+    let token = |i: usize, step: usize| [PROMPT[(i + 3 * step) % PROMPT.len()]];
+    let mut alone = Vec::new();
+    for i in 0..count {
+        let mut cache = KvCache::new(&model.config, 32);
+        let mut ws = Workspace::default();
+        let mut logits = Vec::new();
+        for step in 0..=decode_steps {
+            let tokens = if step == 0 {
+                prompt(i).to_vec()
+            } else {
+                token(i, step).to_vec()
+            };
+            let cache = &mut cache;
+            model
+                .forward(
+                    &mut [Step {
+                        tokens: &tokens,
+                        cache,
+                    }],
+                    &mut ws,
+                )
+                .unwrap();
+            logits.push(ws.logits[..vocab].to_vec());
+        }
+        alone.push(logits);
+    }
+    let mut caches: Vec<KvCache> = (0..count)
+        .map(|_| KvCache::new(&model.config, 32))
+        .collect();
+    let mut ws = Workspace::default();
+    let mut together = vec![Vec::new(); count];
+    for step in 0..=decode_steps {
+        let tokens: Vec<Vec<u32>> = (0..count)
+            .map(|i| {
+                if step == 0 {
+                    prompt(i).to_vec()
+                } else {
+                    token(i, step).to_vec()
+                }
+            })
+            .collect();
+        let mut batch: Vec<Step> = caches
+            .iter_mut()
+            .zip(&tokens)
+            .map(|(cache, tokens)| Step { tokens, cache })
+            .collect();
+        model.forward(&mut batch, &mut ws).unwrap();
+        for (i, logits) in together.iter_mut().enumerate() {
+            logits.push(ws.logits[i * vocab..(i + 1) * vocab].to_vec());
+        }
+    }
+    for i in 0..count {
+        let err = worst(&together[i], &alone[i]);
+        assert!(err < 1e-5, "sequence {i}: {err}");
+    }
+}

@@ -1,5 +1,6 @@
 //! Weight matrices of the native forward pass, read from safetensors or GGUF into the layout the
-//! kernels take: dense rows (f32, f16, bf16) or GGUF blocks kept as they are in the file.
+//! kernels take: dense rows (f32, f16, bf16), or GGUF blocks as they are in the file, or (32-block
+//! kinds, on CPUs with AVX-512 VNNI) the same blocks reordered into interleaved panels of 16 rows.
 //! Matrices that one input feeds (q, k, v; gate, up) are fused into one when their formats
 //! match, so decode runs one product where it would run three.
 
@@ -11,16 +12,18 @@ use half::{bf16, f16};
 use crate::engine::kernels::{
     dense::{self, DenseWeights},
     packed::{self, Packed, PackedWeights},
-    quant::{self, QuantKind, QuantScratch},
+    quant::{self, Interleaved, QuantKind, QuantScratch},
 };
 
 /// The values of a `rows × cols` matrix: row-major as in the file, or (dense types) repacked
-/// into panels for the GEMM kernel once nothing more is fused into it.
+/// into panels for the GEMM kernel once nothing more is fused into it, or (32-block GGUF kinds,
+/// where the CPU runs their kernel) repacked at load into interleaved panels of 16 rows.
 pub enum Matrix {
     F32(Vec<f32>),
     F16(Vec<f16>),
     Bf16(Vec<bf16>),
     Quant(QuantKind, Vec<u8>),
+    Interleaved(Interleaved),
     PackedF32(Packed<f32>),
     PackedF16(Packed<f16>),
     PackedBf16(Packed<bf16>),
@@ -33,6 +36,7 @@ impl Matrix {
             | (Matrix::F16(_), Matrix::F16(_))
             | (Matrix::Bf16(_), Matrix::Bf16(_)) => true,
             (Matrix::Quant(a, _), Matrix::Quant(b, _)) => a == b,
+            (Matrix::Interleaved(a), Matrix::Interleaved(b)) => a.can_append(b),
             _ => false,
         }
     }
@@ -53,6 +57,7 @@ impl Matrix {
             (Matrix::F16(a), Matrix::F16(b)) => a.extend(b),
             (Matrix::Bf16(a), Matrix::Bf16(b)) => a.extend(b),
             (Matrix::Quant(_, a), Matrix::Quant(_, b)) => a.extend(b),
+            (Matrix::Interleaved(a), Matrix::Interleaved(b)) => a.append(b),
             _ => unreachable!("append is called only on matrices of the same format"),
         }
     }
@@ -77,6 +82,7 @@ impl Linear {
             Matrix::Quant(kind, w) => {
                 quant::matmul(*kind, w, self.rows, self.cols, x, n, y, scratch)
             }
+            Matrix::Interleaved(w) => quant::matmul_interleaved(w, x, n, y, scratch),
             Matrix::PackedF32(p) => packed::matmul(PackedWeights::F32(p), x, n, y),
             Matrix::PackedF16(p) => packed::matmul(PackedWeights::F16(p), x, n, y),
             Matrix::PackedBf16(p) => packed::matmul(PackedWeights::Bf16(p), x, n, y),
@@ -95,6 +101,7 @@ impl Linear {
             Matrix::F16(w) => DenseWeights::F16(w).row_into(self.cols, r, out),
             Matrix::Bf16(w) => DenseWeights::Bf16(w).row_into(self.cols, r, out),
             Matrix::Quant(kind, w) => quant::dequantize_row(*kind, w, self.cols, r, out),
+            Matrix::Interleaved(w) => w.row(r, out),
             Matrix::PackedF32(_) | Matrix::PackedF16(_) | Matrix::PackedBf16(_) => {
                 unreachable!("embeddings are never packed")
             }
@@ -322,6 +329,9 @@ impl Source {
                     other => match QuantKind::from_ggml(other)
                         .filter(|k| cols.is_multiple_of(k.block_elems()))
                     {
+                        Some(kind) if Interleaved::pays(kind) => {
+                            Matrix::Interleaved(Interleaved::pack(kind, &bytes()?, rows, cols))
+                        }
                         Some(kind) => Matrix::Quant(kind, bytes()?.into_owned()),
                         // No kernel for this block format: widen it once, at load.
                         None => Matrix::F32(widened()?),

@@ -65,14 +65,40 @@ pub(super) struct RowK<'a> {
 impl QuantScratch {
     /// Quantizes `n` rows of `cols` for `kind`'s dot products, laid out for `isa`'s kernels.
     pub(super) fn quantize(&mut self, kind: QuantKind, isa: Isa, x: &[f32], n: usize, cols: usize) {
-        assert_eq!(x.len(), n * cols);
-        let is_k = kind.is_k();
         let group = match isa {
-            _ if is_k => 0,
+            _ if kind.is_k() => 0,
             Isa::Avx512 => 4,
             Isa::Avx2 => 2,
             Isa::Scalar => 0,
         };
+        self.quantize_grouped(kind, isa, group, x, n, cols)
+    }
+
+    /// Quantizes `n` rows of `cols` for a 32-block `kind` in element order (the layout of the
+    /// portable kernels and of the interleaved panels), with `isa`'s quantizer.
+    pub(super) fn quantize_in_order(
+        &mut self,
+        kind: QuantKind,
+        isa: Isa,
+        x: &[f32],
+        n: usize,
+        cols: usize,
+    ) {
+        assert!(!kind.is_k(), "{kind:?} is not a 32-block kind");
+        self.quantize_grouped(kind, isa, 0, x, n, cols)
+    }
+
+    fn quantize_grouped(
+        &mut self,
+        kind: QuantKind,
+        isa: Isa,
+        group: usize,
+        x: &[f32],
+        n: usize,
+        cols: usize,
+    ) {
+        assert_eq!(x.len(), n * cols);
+        let is_k = kind.is_k();
         let swapped = isa == Isa::Avx512 && matches!(kind, QuantKind::Q4K | QuantKind::Q5K);
         let blocks = cols / kind.block_elems();
         self.n = n;
@@ -91,7 +117,8 @@ impl QuantScratch {
         let scales = grown(&mut self.scales, n * ss);
         let lanes = grown(&mut self.lanes, if is_k { 0 } else { n * sl });
         let bsums = grown(&mut self.bsums, if is_k { n * sl } else { 0 });
-        par_rows(n, 1, cols * 4, |range| {
+        // (A few rows run on the calling thread: waking another costs more than they do.)
+        par_rows(n, 1, cols, |range| {
             // Whole pointers, not their fields, are what the closure may share.
             let (qs, scales, lanes, bsums) = (qs, scales, lanes, bsums);
             for t in range {

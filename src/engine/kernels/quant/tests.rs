@@ -166,61 +166,81 @@ fn every_kind_and_flavour_matches_candle_and_exact_arithmetic() {
         for (rows, cols) in shapes(kind) {
             for n in [1, 3, 8] {
                 let case = Case::new(kind, dtype, rows, cols, n, (rows * cols * n) as u64);
-                let w = case.dequantized();
-                // candle's Q4_1, Q5_0 and Q5_1 products insist on an even number of blocks.
-                let odd_blocks = (cols / kind.block_elems()) % 2 == 1;
-                let even_only = matches!(kind, QuantKind::Q4_1 | QuantKind::Q5_0 | QuantKind::Q5_1);
-                let candle = (!(odd_blocks && even_only)).then(|| case.candle());
+                let refs = References::new(&case);
                 for (isa, ext) in flavours() {
                     let mut scratch = QuantScratch::default();
                     let ours = case.run(isa, ext, &mut scratch);
-                    for t in 0..n {
-                        // Per-column quantization step of the activations: d/2 from rounding,
-                        // plus |q|·|d - f16(d)| ≤ 127·d·2⁻¹¹ where d was stored as f16.
-                        let step: Vec<f64> = (0..cols)
-                            .map(|c| {
-                                let block = kind.block_elems();
-                                let xb = &case.x[t * cols + c / block * block..][..block];
-                                let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs())) as f64;
-                                amax / 127.0 * (0.5 + 127.0 / 2048.0)
-                            })
-                            .collect();
-                        for r in 0..rows {
-                            let wr = &w[r * cols..(r + 1) * cols];
-                            let xr = &case.x[t * cols..(t + 1) * cols];
-                            let (mut exact, mut exact_abs, mut real, mut bound) =
-                                (0f64, 0f64, 0f64, 0f64);
-                            for c in 0..cols {
-                                let xq = scratch.dequantized(kind, t, c);
-                                exact += wr[c] as f64 * xq;
-                                exact_abs += (wr[c] as f64 * xq).abs();
-                                real += wr[c] as f64 * xr[c] as f64;
-                                bound += (wr[c] as f64).abs() * step[c];
-                            }
-                            let got = ours[t * rows + r] as f64;
-                            let what =
-                                format!("{kind:?} {isa:?} {ext:?} {rows}×{cols} n={n} t={t} r={r}");
-                            let tol = 1e-5 * (1.0 + exact_abs);
-                            assert!(
-                                (got - exact).abs() <= tol,
-                                "{what}: {got} vs exact {exact} (tol {tol})"
-                            );
-                            let tol = bound + 1e-5 * (1.0 + exact_abs);
-                            assert!(
-                                (got - real).abs() <= tol,
-                                "{what}: {got} vs f64 {real} (tol {tol})"
-                            );
-                            let Some(candle) = &candle else { continue };
-                            let reference = candle[t * rows + r] as f64;
-                            let tol = 1e-3 * (1.0 + reference.abs());
-                            let tol = tol + candle_s_rounding(&case, &scratch, t, r);
-                            assert!(
-                                (got - reference).abs() <= tol,
-                                "{what}: {got} vs candle {reference} (tol {tol})"
-                            );
-                        }
-                    }
+                    refs.check(&case, &ours, &scratch, &format!("{isa:?} {ext:?}"));
                 }
+            }
+        }
+    }
+}
+
+/// What a product is checked against: candle's dequantized weights and (where its product
+/// takes the shape) candle's `QMatMul`.
+struct References {
+    w: Vec<f32>,
+    candle: Option<Vec<f32>>,
+}
+
+impl References {
+    fn new(case: &Case) -> References {
+        let kind = case.kind;
+        // candle's Q4_1, Q5_0 and Q5_1 products insist on an even number of blocks.
+        let odd_blocks = (case.cols / kind.block_elems()) % 2 == 1;
+        let even_only = matches!(kind, QuantKind::Q4_1 | QuantKind::Q5_0 | QuantKind::Q5_1);
+        References {
+            w: case.dequantized(),
+            candle: (!(odd_blocks && even_only)).then(|| case.candle()),
+        }
+    }
+
+    /// Checks `ours` (with the activations quantized in `scratch`) as the test above says.
+    fn check(&self, case: &Case, ours: &[f32], scratch: &QuantScratch, flavour: &str) {
+        let (kind, rows, cols, n) = (case.kind, case.rows, case.cols, case.n);
+        for t in 0..n {
+            // Per-column quantization step of the activations: d/2 from rounding,
+            // plus |q|·|d - f16(d)| ≤ 127·d·2⁻¹¹ where d was stored as f16.
+            let step: Vec<f64> = (0..cols)
+                .map(|c| {
+                    let block = kind.block_elems();
+                    let xb = &case.x[t * cols + c / block * block..][..block];
+                    let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs())) as f64;
+                    amax / 127.0 * (0.5 + 127.0 / 2048.0)
+                })
+                .collect();
+            for r in 0..rows {
+                let wr = &self.w[r * cols..(r + 1) * cols];
+                let xr = &case.x[t * cols..(t + 1) * cols];
+                let (mut exact, mut exact_abs, mut real, mut bound) = (0f64, 0f64, 0f64, 0f64);
+                for c in 0..cols {
+                    let xq = scratch.dequantized(kind, t, c);
+                    exact += wr[c] as f64 * xq;
+                    exact_abs += (wr[c] as f64 * xq).abs();
+                    real += wr[c] as f64 * xr[c] as f64;
+                    bound += (wr[c] as f64).abs() * step[c];
+                }
+                let got = ours[t * rows + r] as f64;
+                let what = format!("{kind:?} {flavour} {rows}×{cols} n={n} t={t} r={r}");
+                let tol = 1e-5 * (1.0 + exact_abs);
+                assert!(
+                    (got - exact).abs() <= tol,
+                    "{what}: {got} vs exact {exact} (tol {tol})"
+                );
+                let tol = bound + 1e-5 * (1.0 + exact_abs);
+                assert!(
+                    (got - real).abs() <= tol,
+                    "{what}: {got} vs f64 {real} (tol {tol})"
+                );
+                let Some(candle) = &self.candle else { continue };
+                let reference = candle[t * rows + r] as f64;
+                let tol = 1e-3 * (1.0 + reference.abs());
+                let tol = tol + candle_s_rounding(case, scratch, t, r);
+                assert!(
+                    (got - reference).abs() <= tol,
+                    "{what}: {got} vs candle {reference} (tol {tol})"
+                );
             }
         }
     }
@@ -347,4 +367,135 @@ fn warm_scratch_does_not_reallocate() {
     let small = Case::new(QuantKind::Q4_1, GgmlDType::Q4_1, 40, 576, 1, 2);
     small.run(Isa::detect(), Extensions::detect(), &mut scratch);
     assert_eq!(scratch.qs.as_ptr(), before);
+}
+
+/// The kinds with an interleaved layout.
+const INTERLEAVED: [(QuantKind, GgmlDType); 5] = [
+    (QuantKind::Q4_0, GgmlDType::Q4_0),
+    (QuantKind::Q4_1, GgmlDType::Q4_1),
+    (QuantKind::Q5_0, GgmlDType::Q5_0),
+    (QuantKind::Q5_1, GgmlDType::Q5_1),
+    (QuantKind::Q8_0, GgmlDType::Q8_0),
+];
+
+/// Row counts around whole panels (16) and columns of even and odd block counts.
+/// (candle's Q8_0 product is off for 256 columns and rows a multiple of 16: not used.)
+const PANEL_SHAPES: [(usize, usize); 5] = [(16, 576), (37, 576), (48, 544), (64, 96), (131, 256)];
+
+impl Case {
+    fn interleaved(&self) -> Interleaved {
+        Interleaved::pack(self.kind, &self.bytes, self.rows, self.cols)
+    }
+
+    fn run_interleaved(
+        &self,
+        w: &Interleaved,
+        isa: Isa,
+        ext: Extensions,
+        scratch: &mut QuantScratch,
+    ) -> Vec<f32> {
+        let mut y = vec![f32::NAN; self.n * self.rows];
+        matmul_interleaved_with(isa, ext, w, &self.x, self.n, &mut y, scratch);
+        y
+    }
+}
+
+#[test]
+fn interleaving_keeps_every_byte_and_dequantizes_as_candle() {
+    for (kind, dtype) in INTERLEAVED {
+        assert!(Interleaved::supports(kind));
+        for (rows, cols) in PANEL_SHAPES {
+            let case = Case::new(kind, dtype, rows, cols, 1, 11);
+            let w = case.interleaved();
+            assert_eq!((w.rows(), w.cols(), w.kind()), (rows, cols, kind));
+            let row_bytes = kind.row_bytes(cols);
+            let reference = case.dequantized();
+            let mut out = vec![0f32; cols];
+            for r in 0..rows {
+                assert_eq!(
+                    w.gguf_row(r),
+                    case.bytes[r * row_bytes..(r + 1) * row_bytes],
+                    "{kind:?} {rows}×{cols} row {r}"
+                );
+                w.row(r, &mut out);
+                assert_eq!(out, reference[r * cols..(r + 1) * cols], "{kind:?} row {r}");
+            }
+        }
+    }
+    for kind in [QuantKind::Q4K, QuantKind::Q5K, QuantKind::Q6K] {
+        assert!(!Interleaved::supports(kind) && !Interleaved::pays(kind));
+    }
+}
+
+/// The panel kernel (and the portable one behind the other flavours) as every row kernel is
+/// checked, for token counts around its tiles of 8 and row counts around its panels of 16.
+#[test]
+fn interleaved_products_match_candle_and_exact_arithmetic() {
+    for (kind, dtype) in INTERLEAVED {
+        for (rows, cols) in PANEL_SHAPES {
+            for n in [1, 2, 3, 8, 9, 16, 17] {
+                let case = Case::new(kind, dtype, rows, cols, n, (rows * cols + n) as u64);
+                let w = case.interleaved();
+                let refs = References::new(&case);
+                for (isa, ext) in flavours() {
+                    let mut scratch = QuantScratch::default();
+                    let ours = case.run_interleaved(&w, isa, ext, &mut scratch);
+                    refs.check(
+                        &case,
+                        &ours,
+                        &scratch,
+                        &format!("interleaved {isa:?} {ext:?}"),
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Interleaved products equal the row kernels' up to the order of f32 sums, and matrices
+/// appended panel by panel (fused layers) equal the matrix of all their rows.
+#[test]
+fn interleaved_products_agree_with_the_row_kernels() {
+    for (kind, dtype) in INTERLEAVED {
+        for (rows, cols) in PANEL_SHAPES {
+            for n in [1, 4, 16, 25] {
+                let case = Case::new(kind, dtype, rows, cols, n, 3 + n as u64);
+                let mut scratch = QuantScratch::default();
+                let base = case.run(Isa::Scalar, Extensions::default(), &mut scratch);
+                let w = case.interleaved();
+                for (isa, ext) in flavours() {
+                    let ours = case.run_interleaved(&w, isa, ext, &mut scratch);
+                    for (i, (a, b)) in ours.iter().zip(&base).enumerate() {
+                        let tol = 2e-5 * (1.0 + b.abs());
+                        let what = format!("{kind:?} {isa:?} {ext:?} {rows}×{cols} n={n} at {i}");
+                        assert!((a - b).abs() <= tol, "{what}: {a} vs rows {b}");
+                    }
+                }
+            }
+        }
+        // 32 + 16 + 37 rows as three matrices appended, against all of them at once.
+        let (cols, n) = (256, 3);
+        let case = Case::new(kind, dtype, 85, cols, n, 5);
+        let row_bytes = kind.row_bytes(cols);
+        let part = |rows: std::ops::Range<usize>| {
+            let bytes = &case.bytes[rows.start * row_bytes..rows.end * row_bytes];
+            Interleaved::pack(kind, bytes, rows.len(), cols)
+        };
+        let mut fused = part(0..32);
+        let (second, third) = (part(32..48), part(48..85));
+        assert!(fused.can_append(&second));
+        fused.append(second);
+        fused.append(third);
+        assert!(
+            !fused.can_append(&part(0..16)),
+            "37 rows are not whole panels"
+        );
+        let mut scratch = QuantScratch::default();
+        let whole = case.interleaved();
+        let (isa, ext) = (Isa::detect(), Extensions::detect());
+        assert_eq!(
+            case.run_interleaved(&fused, isa, ext, &mut scratch),
+            case.run_interleaved(&whole, isa, ext, &mut scratch)
+        );
+    }
 }

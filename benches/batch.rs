@@ -1,0 +1,198 @@
+//! Continuous-batching decode on the native forward pass (a bench binary: `cargo bench --bench
+//! batch`): N sequences each feed one token per step through one `Model::forward` call, for
+//! N = 1, 2, 4, 8, 16, on SmolLM2-135M as Q4_1 GGUF and as F32 GGUF.
+//!
+//! Each sequence's KV cache is first filled with its own 32-token prompt; every repetition then
+//! runs `BATCH_STEPS` decode steps per configuration (configurations interleaved, in a rotated
+//! order each repetition) and cuts the caches back to the prompt, so every configuration sees
+//! the same context lengths. Printed per model and N: the median ms per step over
+//! `BATCH_REPS` repetitions, the aggregate tokens/s, and its ratio to N = 1 (and the step time's
+//! ratio to N = 1's).
+//!
+//! Env: `BATCH_REPS` (default 5), `BATCH_STEPS` (default 6), `BATCH_NS` (comma list, default
+//! `1,2,4,8,16`), `BATCH_MODELS` (substring filter on `q4_1` / `f32`), `RAYON_NUM_THREADS`,
+//! `LMX_KERNELS=scalar|avx2`. Models are read from `.cache/models/` (or `LMX_BENCH_MODELS`);
+//! a missing file is skipped with a note.
+
+use std::{
+    fs::File,
+    path::{Path, PathBuf},
+    time::Instant,
+};
+
+use candle_core::quantized::gguf_file;
+use lmx::engine::{
+    kernels,
+    native::{load_gguf, KvCache, Model, NativeConfig, Step, Workspace},
+};
+
+const PROMPT: usize = 32;
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
+}
+
+fn load(path: &Path) -> Model {
+    let read = || gguf_file::Content::read(&mut File::open(path).unwrap()).unwrap();
+    let config = NativeConfig::from_gguf(&read()).expect("a native GGUF llama");
+    load_gguf(config, path, read()).unwrap()
+}
+
+/// A deterministic token id for sequence `seq` at position `pos` (ids 100..20100).
+fn token(seq: usize, pos: usize) -> u32 {
+    let mut s = (seq as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (pos as u64 + 7) << 17;
+    s ^= s >> 29;
+    s = s.wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    s ^= s >> 32;
+    100 + (s % 20_000) as u32
+}
+
+/// The SIMD flags of /proc/cpuinfo that matter to the kernels.
+fn simd_flags() -> String {
+    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let flags = info
+        .lines()
+        .find(|l| l.starts_with("flags"))
+        .and_then(|l| l.split_once(':'))
+        .map_or("", |(_, v)| v);
+    let keep = |f: &&str| {
+        ["avx", "fma", "f16c", "amx"]
+            .iter()
+            .any(|p| f.starts_with(p))
+    };
+    let kept: Vec<&str> = flags.split_whitespace().filter(keep).collect();
+    if kept.is_empty() {
+        std::env::consts::ARCH.to_owned()
+    } else {
+        kept.join(" ")
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+fn bench(name: &str, model: &Model, ns: &[usize], reps: usize, steps: usize) {
+    let most = *ns.iter().max().unwrap();
+    let capacity = PROMPT + steps + 1;
+    let mut caches: Vec<KvCache> = (0..most)
+        .map(|_| KvCache::new(&model.config, capacity))
+        .collect();
+    let mut ws = Workspace::default();
+    // Prefill: each sequence its own prompt, in one call per sequence.
+    for (i, cache) in caches.iter_mut().enumerate() {
+        let prompt: Vec<u32> = (0..PROMPT).map(|p| token(i, p)).collect();
+        model
+            .forward(
+                &mut [Step {
+                    tokens: &prompt,
+                    cache,
+                }],
+                &mut ws,
+            )
+            .unwrap();
+    }
+    let mut times: Vec<Vec<f64>> = vec![Vec::new(); ns.len()];
+    let run = |n: usize, caches: &mut [KvCache], ws: &mut Workspace| -> f64 {
+        let tokens: Vec<[u32; 1]> = (0..n).map(|i| [token(i, PROMPT + 99)]).collect();
+        let start = Instant::now();
+        for _ in 0..steps {
+            let mut batch: Vec<Step<'_>> = caches[..n]
+                .iter_mut()
+                .zip(&tokens)
+                .map(|(cache, t)| Step { tokens: t, cache })
+                .collect();
+            model.forward(&mut batch, ws).unwrap();
+        }
+        let per_step = start.elapsed().as_secs_f64() / steps as f64;
+        for cache in &mut caches[..n] {
+            cache.truncate(PROMPT);
+        }
+        per_step
+    };
+    // Warm-up: one pass over every configuration.
+    for &n in ns {
+        run(n, &mut caches, &mut ws);
+    }
+    for rep in 0..reps {
+        for k in 0..ns.len() {
+            let i = (k + rep) % ns.len();
+            times[i].push(run(ns[i], &mut caches, &mut ws));
+        }
+    }
+    let med: Vec<f64> = times.into_iter().map(median).collect();
+    let base = ns.iter().position(|&n| n == 1).map(|i| med[i]);
+    println!(
+        "{:<6} {:>3}  {:>9}  {:>9}  {:>10}  {:>10}",
+        name, "N", "ms/step", "tok/s", "tok/s ×N1", "step ×N1"
+    );
+    for (i, &n) in ns.iter().enumerate() {
+        let tps = n as f64 / med[i];
+        let (ratio, step) = match base {
+            Some(b) => (format!("{:.2}x", tps * b), format!("{:.2}x", med[i] / b)),
+            None => ("-".into(), "-".into()),
+        };
+        println!(
+            "{:<6} {:>3}  {:>9.2}  {:>9.1}  {:>10}  {:>10}",
+            name,
+            n,
+            med[i] * 1e3,
+            tps,
+            ratio,
+            step
+        );
+    }
+}
+
+fn main() {
+    let reps = env_usize("BATCH_REPS", 5).max(1);
+    let steps = env_usize("BATCH_STEPS", 6).max(1);
+    let ns: Vec<usize> = std::env::var("BATCH_NS")
+        .ok()
+        .map(|s| s.split(',').filter_map(|v| v.trim().parse().ok()).collect())
+        .filter(|v: &Vec<usize>| !v.is_empty())
+        .unwrap_or_else(|| vec![1, 2, 4, 8, 16]);
+    let only = std::env::var("BATCH_MODELS").unwrap_or_default();
+    let root = std::env::var("LMX_BENCH_MODELS").map_or_else(
+        |_| Path::new(env!("CARGO_MANIFEST_DIR")).join(".cache/models"),
+        PathBuf::from,
+    );
+    let models = [
+        (
+            "q4_1",
+            root.join("smollm2-q4_1/SmolLM2-135M-Instruct.Q4_1.gguf"),
+        ),
+        (
+            "f32",
+            root.join("smollm2-f32-gguf/SmolLM2-135M-Instruct.F32.gguf"),
+        ),
+    ];
+    println!("{}", kernels::describe_cpu());
+    println!("SIMD flags: {}", simd_flags());
+    println!(
+        "{} prompt tokens per sequence, {steps} steps × {reps} repetitions per configuration (medians)",
+        PROMPT
+    );
+    for (name, path) in models {
+        if !name.contains(&only) {
+            continue;
+        }
+        if !path.exists() {
+            println!("{name}: {} not found, skipped", path.display());
+            continue;
+        }
+        let start = Instant::now();
+        let model = load(&path);
+        println!("{name}: loaded in {:.2} s", start.elapsed().as_secs_f64());
+        kernels::in_pool(|| bench(name, &model, &ns, reps, steps));
+    }
+}
