@@ -33,7 +33,12 @@ pub struct ExactPrompt {
 
 impl Local {
     pub fn load(dir: &Path) -> Result<Local, String> {
-        let engine = engine::load(dir, &LoadOptions::default(), Box::new(()))
+        // No prefix cache: every run computes its whole prompt (the runs repeat it).
+        let options = LoadOptions {
+            prefix_cache: false,
+            ..LoadOptions::default()
+        };
+        let engine = engine::load(dir, &options, Box::new(()))
             .map_err(|e| format!("loading {}: {e}", dir.display()))?;
         Ok(Local { engine })
     }

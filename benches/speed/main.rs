@@ -398,7 +398,7 @@ fn over_grpc(
     };
     let cache = tempfile::tempdir().expect("tempdir");
     let bin = Path::new(env!("CARGO_BIN_EXE_lmx"));
-    let server = match Server::start(bin, cache.path()) {
+    let server = match Server::start_with(bin, cache.path(), &["--prefix-cache", "false"]) {
         Ok(s) => s,
         Err(e) => return (Err(e), idle, None),
     };

@@ -29,12 +29,8 @@ pub struct Server {
 }
 
 impl Server {
-    /// Starts `bin serve` with an empty cache and waits for its "lmx listening" log line.
-    pub fn start(bin: &Path, cache: &Path) -> Result<Server, String> {
-        Self::start_with(bin, cache, &[])
-    }
-
-    /// [`Server::start`] with more `serve` flags. The models folder (LMX_TEST_MODELS, else
+    /// Starts `bin serve` with an empty cache and `flags`, and waits for its "lmx listening"
+    /// log line. The models folder (LMX_TEST_MODELS, else
     /// .cache/models) is a `--model-root`, so LoadModel takes folders under it.
     pub fn start_with(bin: &Path, cache: &Path, flags: &[&str]) -> Result<Server, String> {
         let models = std::env::var_os("LMX_TEST_MODELS")

@@ -489,15 +489,19 @@ struct Batch {
     pacer: Pacer,
 }
 
-/// How long a step that carries a prompt chunk may take, in decode steps: running streams
-/// see at most this gap between two tokens while a long prompt is processed.
+/// How long a step that carries a prompt chunk may take, in decode steps, while as many
+/// sequences decode as wait for their prompts: running streams see at most this gap between
+/// two tokens while a long prompt is processed.
 const STALL_FACTOR: f64 = 2.0;
-/// The smallest prompt chunk (below it, per-step overheads dominate).
-const MIN_CHUNK: usize = 16;
+/// The smallest prompt chunk.
+const MIN_CHUNK: usize = 1;
 
-/// Sizes prompt chunks from measured step times, so that steps carrying a chunk take about
-/// [`STALL_FACTOR`] times a decode-only step while other sequences are decoding; with nobody
-/// decoding, prompts go at the largest chunk.
+/// Sizes prompt chunks from measured step times. With nobody decoding, prompts go at the
+/// largest chunk. Otherwise a step carrying a chunk may take [`STALL_FACTOR`] times a
+/// decode-only step, the extra time scaled by how many sequences wait for their prompts per
+/// decoding one (at least one): a long prompt arriving among running streams is read slowly
+/// enough that their pace holds, while many new requests arriving together are not starved by
+/// the first ones to start decoding.
 #[derive(Debug, Default)]
 struct Pacer {
     /// Seconds of a step without prompt tokens (moving average).
@@ -517,15 +521,16 @@ impl Pacer {
     }
 
     /// Prompt tokens the next step may carry, at most `max`, with `decoding` sequences past
-    /// their prompts.
-    fn chunk(&self, max: usize, decoding: usize) -> usize {
+    /// their prompts and `waiting` still in them.
+    fn chunk(&self, max: usize, decoding: usize, waiting: usize) -> usize {
         if decoding == 0 {
             return max;
         }
         let floor = MIN_CHUNK.min(max);
+        let share = (waiting as f64 / decoding as f64).max(1.0);
         match (self.decode, self.per_token) {
             (Some(decode), Some(per_token)) if per_token > 0.0 => {
-                let room = (STALL_FACTOR - 1.0) * decode / per_token;
+                let room = (STALL_FACTOR - 1.0) * share * decode / per_token;
                 (room as usize).clamp(floor, max)
             }
             _ => floor,
@@ -541,18 +546,19 @@ impl Pacer {
             }
             return;
         }
-        let base = if decoding > 0 {
-            match self.decode {
-                Some(decode) => decode,
-                None => return,
+        let p = prompt_tokens as f64;
+        if decoding == 0 {
+            Self::average(&mut self.per_token, secs / p);
+            return;
+        }
+        match (self.decode, self.per_token) {
+            (Some(decode), _) => Self::average(&mut self.per_token, (secs - decode).max(0.0) / p),
+            // Every step so far carried prompt tokens: the decode part is what they leave.
+            (None, Some(per_token)) => {
+                Self::average(&mut self.decode, (secs - p * per_token).max(0.1 * secs))
             }
-        } else {
-            0.0
-        };
-        Self::average(
-            &mut self.per_token,
-            (secs - base).max(0.0) / prompt_tokens as f64,
-        );
+            (None, None) => {}
+        }
     }
 }
 
@@ -585,7 +591,10 @@ impl Worker {
         // How many new tokens each sequence feeds this step.
         let mut feed = vec![0usize; active.len()];
         let decoding = active.iter().filter(|s| s.fed >= s.prompt_len).count();
-        let mut prompt_budget = batch.pacer.chunk(self.prefill_chunk.max(1), decoding);
+        let waiting = active.len() - decoding;
+        let mut prompt_budget = batch
+            .pacer
+            .chunk(self.prefill_chunk.max(1), decoding, waiting);
         for (f, seq) in feed.iter_mut().zip(active.iter()) {
             let pending = seq.tokens.len() - seq.fed;
             if seq.fed >= seq.prompt_len {
@@ -806,15 +815,14 @@ mod tests {
     fn the_pacer_sizes_chunks_to_keep_decode_steps_within_the_stall_factor() {
         let mut pacer = Pacer::default();
         // Nobody decoding: the largest chunk. Nothing measured yet: the smallest.
-        assert_eq!(pacer.chunk(256, 0), 256);
-        assert_eq!(pacer.chunk(256, 4), MIN_CHUNK);
-        assert_eq!(pacer.chunk(8, 4), 8);
+        assert_eq!(pacer.chunk(256, 0, 3), 256);
+        assert_eq!(pacer.chunk(256, 4, 1), MIN_CHUNK);
         // Decode steps of 40 ms; a prompt token adds 1 ms.
         for _ in 0..20 {
             pacer.record(0, 4, 0.040);
             pacer.record(64, 4, 0.040 + 0.064);
         }
-        let chunk = pacer.chunk(256, 4);
+        let chunk = pacer.chunk(256, 4, 1);
         let expected = ((STALL_FACTOR - 1.0) * 40.0) as usize;
         assert!(chunk.abs_diff(expected) <= 1, "{chunk} vs {expected}");
         // The chunk's step stays within the stall factor of a decode step.
@@ -823,12 +831,19 @@ mod tests {
         for _ in 0..20 {
             pacer.record(64, 4, 0.040 + 0.0064);
         }
-        assert_eq!(pacer.chunk(256, 4), 256);
-        assert_eq!(pacer.chunk(100, 4), 100);
+        assert_eq!(pacer.chunk(256, 4, 1), 256);
+        assert_eq!(pacer.chunk(100, 4, 1), 100);
         // Prompt-only steps teach the per-token cost too.
         let mut fresh = Pacer::default();
         fresh.record(100, 0, 0.5);
         fresh.record(0, 2, 0.05);
-        assert_eq!(fresh.chunk(256, 2), 16);
+        assert_eq!(fresh.chunk(256, 2, 1), 10);
+        // Many waiting per decoding sequence: a larger share of the step.
+        assert_eq!(fresh.chunk(256, 2, 8), 40);
+        // Steps that all carry prompt tokens still teach the decode part.
+        let mut busy = Pacer::default();
+        busy.record(100, 0, 0.5);
+        busy.record(10, 2, 0.05 + 0.05);
+        assert_eq!(busy.chunk(256, 2, 1), 10);
     }
 }
