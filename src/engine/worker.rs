@@ -489,19 +489,19 @@ struct Batch {
     pacer: Pacer,
 }
 
-/// How long a step that carries a prompt chunk may take, in decode steps, while as many
-/// sequences decode as wait for their prompts: running streams see at most this gap between
+/// How long a step that carries a prompt chunk may take, in decode steps, while fewer
+/// sequences wait for their prompts than decode: running streams see at most this gap between
 /// two tokens while a long prompt is processed.
 const STALL_FACTOR: f64 = 2.0;
 /// The smallest prompt chunk.
 const MIN_CHUNK: usize = 1;
 
-/// Sizes prompt chunks from measured step times. With nobody decoding, prompts go at the
-/// largest chunk. Otherwise a step carrying a chunk may take [`STALL_FACTOR`] times a
-/// decode-only step, the extra time scaled by how many sequences wait for their prompts per
-/// decoding one (at least one): a long prompt arriving among running streams is read slowly
-/// enough that their pace holds, while many new requests arriving together are not starved by
-/// the first ones to start decoding.
+/// Sizes prompt chunks from measured step times. With nobody decoding, or in a wave of new
+/// requests (at least as many waiting as decoding, each prompt short enough to go in one
+/// chunk), prompts go at the largest chunk: starting them all soon serves more streams than
+/// keeping the first few at their pace. Otherwise (a long prompt arriving among running
+/// streams) a step carrying a chunk may take about [`STALL_FACTOR`] times a decode-only step,
+/// so the running streams keep their pace while it is read.
 #[derive(Debug, Default)]
 struct Pacer {
     /// Seconds of a step without prompt tokens (moving average).
@@ -521,16 +521,15 @@ impl Pacer {
     }
 
     /// Prompt tokens the next step may carry, at most `max`, with `decoding` sequences past
-    /// their prompts and `waiting` still in them.
-    fn chunk(&self, max: usize, decoding: usize, waiting: usize) -> usize {
-        if decoding == 0 {
+    /// their prompts; `wave`: a wave of new requests (see above).
+    fn chunk(&self, max: usize, decoding: usize, wave: bool) -> usize {
+        if decoding == 0 || wave {
             return max;
         }
         let floor = MIN_CHUNK.min(max);
-        let share = (waiting as f64 / decoding as f64).max(1.0);
         match (self.decode, self.per_token) {
             (Some(decode), Some(per_token)) if per_token > 0.0 => {
-                let room = (STALL_FACTOR - 1.0) * share * decode / per_token;
+                let room = (STALL_FACTOR - 1.0) * decode / per_token;
                 (room as usize).clamp(floor, max)
             }
             _ => floor,
@@ -591,10 +590,12 @@ impl Worker {
         // How many new tokens each sequence feeds this step.
         let mut feed = vec![0usize; active.len()];
         let decoding = active.iter().filter(|s| s.fed >= s.prompt_len).count();
-        let waiting = active.len() - decoding;
-        let mut prompt_budget = batch
-            .pacer
-            .chunk(self.prefill_chunk.max(1), decoding, waiting);
+        let max_chunk = self.prefill_chunk.max(1);
+        let mut waiting = active.iter().filter(|s| s.fed < s.prompt_len).peekable();
+        let wave = waiting.peek().is_some()
+            && active.len() - decoding >= decoding
+            && waiting.all(|s| s.prompt_len - s.fed <= max_chunk);
+        let mut prompt_budget = batch.pacer.chunk(max_chunk, decoding, wave);
         for (f, seq) in feed.iter_mut().zip(active.iter()) {
             let pending = seq.tokens.len() - seq.fed;
             if seq.fed >= seq.prompt_len {
@@ -814,15 +815,17 @@ mod tests {
     #[test]
     fn the_pacer_sizes_chunks_to_keep_decode_steps_within_the_stall_factor() {
         let mut pacer = Pacer::default();
-        // Nobody decoding: the largest chunk. Nothing measured yet: the smallest.
-        assert_eq!(pacer.chunk(256, 0, 3), 256);
-        assert_eq!(pacer.chunk(256, 4, 1), MIN_CHUNK);
+        // Nobody decoding, or a wave of short prompts: the largest chunk. Nothing measured yet:
+        // the smallest.
+        assert_eq!(pacer.chunk(256, 0, false), 256);
+        assert_eq!(pacer.chunk(256, 4, true), 256);
+        assert_eq!(pacer.chunk(256, 4, false), MIN_CHUNK);
         // Decode steps of 40 ms; a prompt token adds 1 ms.
         for _ in 0..20 {
             pacer.record(0, 4, 0.040);
             pacer.record(64, 4, 0.040 + 0.064);
         }
-        let chunk = pacer.chunk(256, 4, 1);
+        let chunk = pacer.chunk(256, 4, false);
         let expected = ((STALL_FACTOR - 1.0) * 40.0) as usize;
         assert!(chunk.abs_diff(expected) <= 1, "{chunk} vs {expected}");
         // The chunk's step stays within the stall factor of a decode step.
@@ -831,19 +834,17 @@ mod tests {
         for _ in 0..20 {
             pacer.record(64, 4, 0.040 + 0.0064);
         }
-        assert_eq!(pacer.chunk(256, 4, 1), 256);
-        assert_eq!(pacer.chunk(100, 4, 1), 100);
+        assert_eq!(pacer.chunk(256, 4, false), 256);
+        assert_eq!(pacer.chunk(100, 4, false), 100);
         // Prompt-only steps teach the per-token cost too.
         let mut fresh = Pacer::default();
         fresh.record(100, 0, 0.5);
         fresh.record(0, 2, 0.05);
-        assert_eq!(fresh.chunk(256, 2, 1), 10);
-        // Many waiting per decoding sequence: a larger share of the step.
-        assert_eq!(fresh.chunk(256, 2, 8), 40);
+        assert_eq!(fresh.chunk(256, 3, false), 10);
         // Steps that all carry prompt tokens still teach the decode part.
         let mut busy = Pacer::default();
         busy.record(100, 0, 0.5);
         busy.record(10, 2, 0.05 + 0.05);
-        assert_eq!(busy.chunk(256, 2, 1), 10);
+        assert_eq!(busy.chunk(256, 3, false), 10);
     }
 }
