@@ -489,19 +489,18 @@ struct Batch {
     pacer: Pacer,
 }
 
-/// How long a step that carries a prompt chunk may take, in decode steps, while fewer
-/// sequences wait for their prompts than decode: running streams see at most this gap between
-/// two tokens while a long prompt is processed.
+/// How long a step that carries a chunk of a long prompt may take, in decode steps: running
+/// streams see at most this gap between two tokens while a long prompt is processed.
 const STALL_FACTOR: f64 = 2.0;
 /// The smallest prompt chunk.
 const MIN_CHUNK: usize = 1;
 
-/// Sizes prompt chunks from measured step times. With nobody decoding, or in a wave of new
-/// requests (at least as many waiting as decoding, each prompt short enough to go in one
-/// chunk), prompts go at the largest chunk: starting them all soon serves more streams than
-/// keeping the first few at their pace. Otherwise (a long prompt arriving among running
-/// streams) a step carrying a chunk may take about [`STALL_FACTOR`] times a decode-only step,
-/// so the running streams keep their pace while it is read.
+/// Sizes prompt chunks from measured step times. With nobody decoding, or when every waiting
+/// prompt is short enough to go in one chunk (new requests of the usual size), prompts go at
+/// the largest chunk: the running streams pause for one step and the new ones start at once.
+/// Otherwise (a long prompt arriving among running streams) a step carrying a chunk may take
+/// about [`STALL_FACTOR`] times a decode-only step, so the running streams keep their pace
+/// while it is read.
 #[derive(Debug, Default)]
 struct Pacer {
     /// Seconds of a step without prompt tokens (moving average).
@@ -592,9 +591,7 @@ impl Worker {
         let decoding = active.iter().filter(|s| s.fed >= s.prompt_len).count();
         let max_chunk = self.prefill_chunk.max(1);
         let mut waiting = active.iter().filter(|s| s.fed < s.prompt_len).peekable();
-        let wave = waiting.peek().is_some()
-            && active.len() - decoding >= decoding
-            && waiting.all(|s| s.prompt_len - s.fed <= max_chunk);
+        let wave = waiting.peek().is_some() && waiting.all(|s| s.prompt_len - s.fed <= max_chunk);
         let mut prompt_budget = batch.pacer.chunk(max_chunk, decoding, wave);
         for (f, seq) in feed.iter_mut().zip(active.iter()) {
             let pending = seq.tokens.len() - seq.fed;
