@@ -496,7 +496,8 @@ const STALL_FACTOR: f64 = 2.0;
 const MIN_CHUNK: usize = 1;
 
 /// Sizes prompt chunks from measured step times. With nobody decoding, or when every waiting
-/// prompt is short enough to go in one chunk (new requests of the usual size), prompts go at
+/// prompt (what it did not find in the prefix cache) is short enough to go in one chunk (new
+/// requests of the usual size; not the tail of a long prompt), prompts go at
 /// the largest chunk: the running streams pause for one step and the new ones start at once.
 /// Otherwise (a long prompt arriving among running streams) a step carrying a chunk may take
 /// about [`STALL_FACTOR`] times a decode-only step, so the running streams keep their pace
@@ -591,7 +592,8 @@ impl Worker {
         let decoding = active.iter().filter(|s| s.fed >= s.prompt_len).count();
         let max_chunk = self.prefill_chunk.max(1);
         let mut waiting = active.iter().filter(|s| s.fed < s.prompt_len).peekable();
-        let wave = waiting.peek().is_some() && waiting.all(|s| s.prompt_len - s.fed <= max_chunk);
+        let wave = waiting.peek().is_some()
+            && waiting.all(|s| s.prompt_len - s.cached_prompt_tokens <= max_chunk);
         let mut prompt_budget = batch.pacer.chunk(max_chunk, decoding, wave);
         for (f, seq) in feed.iter_mut().zip(active.iter()) {
             let pending = seq.tokens.len() - seq.fed;
