@@ -649,6 +649,74 @@ async fn concurrent_pulls_share_one_task_and_watchers_reattach() {
     server.stop().await.unwrap();
 }
 
+/// A request for a running (repo, revision) with other patterns or auto_load is refused with
+/// FAILED_PRECONDITION naming the running download; an identical one (patterns in another
+/// order) still joins it.
+#[tokio::test]
+async fn a_join_with_other_options_is_refused_naming_the_running_download() {
+    let (hub, server, admin) = setup(|_| {}).await;
+    hub.inject(Fault::Hold {
+        path: WEIGHTS.into(),
+        after: 10_000,
+        times: 1,
+    });
+    let asked = |allow: &[&str], auto_load: bool| pb::DownloadModelRequest {
+        model_id: "tiny/llama".into(),
+        allow_patterns: allow.iter().map(|p| p.to_string()).collect(),
+        auto_load,
+        ..Default::default()
+    };
+    let mut a = admin.clone();
+    let first =
+        tokio::spawn(
+            async move { download(&mut a, asked(&["*.json", "*.safetensors"], false)).await },
+        );
+    hub.wait_held(WEIGHTS).await;
+    let mut w = admin.clone();
+    let id = w
+        .list_downloads(pb::ListDownloadsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .downloads[0]
+        .download_id
+        .clone();
+
+    for (other, what) in [
+        (asked(&["*.json"], false), "allow_patterns"),
+        (asked(&["*.json", "*.safetensors"], true), "auto_load"),
+    ] {
+        let (messages, status) = download(&mut w, other).await;
+        assert!(messages.is_empty());
+        let status = status.expect("refused");
+        assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+        assert_eq!(
+            status.get_details_error_info().unwrap().reason,
+            "DOWNLOAD_CONFLICT"
+        );
+        assert!(status.message().contains(&id), "{}", status.message());
+        assert!(status.message().contains(what), "{}", status.message());
+    }
+    // The call returns once the server joined the task, before the hub lets the file go.
+    let mut same = w
+        .download_model(asked(&["*.safetensors", "*.json"], false))
+        .await
+        .expect("an identical request joins")
+        .into_inner();
+    hub.release();
+    let (m1, s1) = first.await.unwrap();
+    assert!(s1.is_none(), "{s1:?}");
+    assert_eq!(m1.last().unwrap().state(), pb::DownloadState::Completed);
+    let mut last = None;
+    while let Some(item) = same.next().await {
+        last = item.unwrap().progress;
+    }
+    let last = last.unwrap();
+    assert_eq!(last.download_id, id, "joined");
+    assert_eq!(last.state(), pb::DownloadState::Completed);
+    server.stop().await.unwrap();
+}
+
 #[tokio::test]
 async fn large_files_arrive_in_parallel_ranged_parts() {
     let (hub, server, mut admin) = setup(|c| {

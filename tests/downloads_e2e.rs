@@ -275,6 +275,7 @@ async fn huggingface_hub_and_lmx_share_one_cache() {
             model_id: "py/pulled".into(),
             revision: String::new(),
             options: None,
+            alias: String::new(),
         })
         .await
         .unwrap()

@@ -54,6 +54,7 @@ async fn load(
             model_id: model_id.into(),
             revision: String::new(),
             options,
+            alias: String::new(),
         })
         .await
         .map(|r| r.into_inner())

@@ -116,3 +116,56 @@ async fn python_grpcio_client_generated_from_our_protos() {
     );
     server.stop().await.unwrap();
 }
+
+/// Reflection serves google.rpc's descriptors, so grpcurl prints an error's details decoded:
+/// the ErrorInfo's `reason` and the BadRequest's field, not an opaque Any.
+#[tokio::test]
+async fn grpcurl_prints_error_details_decoded_through_reflection() {
+    let Some(venv) = tools::venv() else { return };
+    let server = TestServer::start().await;
+    let addr = server.addr.to_string();
+    let out = Command::new(venv.join("bin/grpcurl"))
+        .args([
+            "-plaintext",
+            "-d",
+            r#"{"model_id":"no/such-model","prompt":"x"}"#,
+        ])
+        .args([&addr, "lmx.v1.Inference/Generate"])
+        .output()
+        .await
+        .expect("run grpcurl");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+    .replace([' ', '\t'], "");
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains("NotFound"), "{text}");
+    assert!(
+        text.contains(r#""@type":"type.googleapis.com/google.rpc.ErrorInfo""#),
+        "{text}"
+    );
+    assert!(text.contains(r#""reason":"MODEL_NOT_FOUND""#), "{text}");
+    assert!(text.contains(r#""domain":"lmx.v1""#), "{text}");
+
+    let bad = Command::new(venv.join("bin/grpcurl"))
+        .args(["-plaintext", "-d", r#"{"model_id":""}"#])
+        .args([&addr, "lmx.v1.ModelAdmin/DownloadModel"])
+        .output()
+        .await
+        .expect("run grpcurl");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&bad.stdout),
+        String::from_utf8_lossy(&bad.stderr)
+    )
+    .replace([' ', '\t'], "");
+    assert!(text.contains("InvalidArgument"), "{text}");
+    assert!(
+        text.contains(r#""@type":"type.googleapis.com/google.rpc.BadRequest""#),
+        "{text}"
+    );
+    assert!(text.contains(r#""reason":"INVALID_ARGUMENT""#), "{text}");
+    server.stop().await.unwrap();
+}

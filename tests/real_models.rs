@@ -26,6 +26,7 @@ async fn load(channel: Channel, path: &std::path::Path) -> String {
             model_id: model_id.clone(),
             revision: String::new(),
             options: None,
+            alias: String::new(),
         })
         .await
         .unwrap_or_else(|e| panic!("loading {model_id}: {e:?}"));

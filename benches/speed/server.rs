@@ -113,6 +113,7 @@ impl Server {
                 model_id: model_id.clone(),
                 revision: String::new(),
                 options: None,
+                alias: String::new(),
             }))
             .map_err(|e| format!("LoadModel {model_id}: {}", e.message()))?;
         Ok(model_id)

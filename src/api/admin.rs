@@ -26,6 +26,14 @@ impl AdminApi {
     pub fn new(manager: Arc<Manager>) -> Self {
         Self { manager }
     }
+
+    /// The reference a request names, its alias resolved.
+    fn resolve(&self, model_id: &str, revision: &str) -> Result<(String, String), ApiError> {
+        self.manager
+            .aliases()
+            .resolve(model_id, revision)
+            .map_err(ApiError::from)
+    }
 }
 
 fn load_spec(options: Option<pb::LoadOptions>) -> Result<LoadSpec, ApiError> {
@@ -159,7 +167,8 @@ impl pb::model_admin_server::ModelAdmin for AdminApi {
         &self,
         request: Request<pb::DownloadModelRequest>,
     ) -> Result<Response<Self::DownloadModelStream>, Status> {
-        let r = request.into_inner();
+        let mut r = request.into_inner();
+        (r.model_id, r.revision) = self.resolve(&r.model_id, &r.revision)?;
         let auto_load = if r.auto_load {
             Some(load_spec(r.load_options)?)
         } else {
@@ -257,7 +266,11 @@ impl pb::model_admin_server::ModelAdmin for AdminApi {
             .iter()
             .map(convert::model_status)
             .collect();
-        if !request.into_inner().loaded_only {
+        let loaded_only = request.into_inner().loaded_only;
+        if loaded_only {
+            // A failed load is not a loaded model.
+            models.retain(|m| m.state != pb::ModelState::Failed as i32);
+        } else {
             let snapshots = self.manager.snapshots().await.map_err(ApiError::from)?;
             for snapshot in &snapshots {
                 let path = snapshot.path.display().to_string();
@@ -266,10 +279,33 @@ impl pb::model_admin_server::ModelAdmin for AdminApi {
                     loaded.refs = snapshot.refs.clone();
                     continue;
                 }
+                // A snapshot whose last load failed is listed once, FAILED, with the error.
+                let failed = models.iter_mut().find(|m| {
+                    m.state == pb::ModelState::Failed as i32
+                        && m.path.is_empty()
+                        && m.model_id == snapshot.repo_id
+                        && (snapshot.refs.contains(&m.revision) || m.revision == snapshot.commit)
+                });
+                if let Some(failed) = failed {
+                    let on_disk = convert::snapshot_model(snapshot, false);
+                    *failed = pb::ModelInfo {
+                        revision: std::mem::take(&mut failed.revision),
+                        state: failed.state,
+                        state_message: std::mem::take(&mut failed.state_message),
+                        ..on_disk
+                    };
+                    continue;
+                }
                 let downloading = self.manager.downloads().is_downloading(&snapshot.repo_id)
                     && snapshot.report.as_ref().is_ok_and(|r| !r.complete);
                 models.push(convert::snapshot_model(snapshot, downloading));
             }
+        }
+        let aliases = self.manager.aliases();
+        for m in &mut models {
+            let mut revisions: Vec<&str> = vec![&m.revision, &m.commit_sha];
+            revisions.extend(m.refs.iter().map(String::as_str));
+            m.aliases = aliases.names_for(&m.model_id, &revisions);
         }
         models.sort_by(|a, b| (&a.model_id, &a.revision).cmp(&(&b.model_id, &b.revision)));
         Ok(Response::new(pb::ListModelsResponse { models }))
@@ -279,7 +315,9 @@ impl pb::model_admin_server::ModelAdmin for AdminApi {
         &self,
         request: Request<pb::VerifyModelRequest>,
     ) -> Result<Response<pb::VerifyModelResponse>, Status> {
-        let request = request.into_inner();
+        let mut request = request.into_inner();
+        (request.model_id, request.revision) =
+            self.resolve(&request.model_id, &request.revision)?;
         let mode = verify_mode(request.mode)?;
         let started = Instant::now();
         let verified = self
@@ -313,7 +351,13 @@ impl pb::model_admin_server::ModelAdmin for AdminApi {
         &self,
         request: Request<pb::LoadModelRequest>,
     ) -> Result<Response<pb::LoadModelResponse>, Status> {
-        let request = request.into_inner();
+        let mut request = request.into_inner();
+        (request.model_id, request.revision) =
+            self.resolve(&request.model_id, &request.revision)?;
+        let aliases = self.manager.aliases();
+        if !request.alias.is_empty() {
+            crate::manager::aliases::validate_name(&request.alias).map_err(ApiError::from)?;
+        }
         let spec = load_spec(request.options)?;
         let loaded = self
             .manager
@@ -321,14 +365,21 @@ impl pb::model_admin_server::ModelAdmin for AdminApi {
             .load(&request.model_id, &request.revision, spec)
             .await
             .map_err(|e| ApiError::from(&*e))?;
+        if !request.alias.is_empty() {
+            aliases
+                .set(&request.alias, &request.model_id, &request.revision)
+                .map_err(ApiError::from)?;
+        }
         let load_time = if loaded.already_loaded {
             std::time::Duration::ZERO
         } else {
             loaded.model.load_time
         };
         let status = crate::manager::models::ModelStatus::Loaded(loaded.model);
+        let mut model = convert::model_status(&status);
+        model.aliases = aliases.names_for(&model.model_id, &[&model.revision]);
         Ok(Response::new(pb::LoadModelResponse {
-            model: Some(convert::model_status(&status)),
+            model: Some(model),
             already_loaded: loaded.already_loaded,
             load_time: Some(convert::duration(load_time)),
         }))
@@ -339,10 +390,11 @@ impl pb::model_admin_server::ModelAdmin for AdminApi {
         request: Request<pb::UnloadModelRequest>,
     ) -> Result<Response<pb::UnloadModelResponse>, Status> {
         let request = request.into_inner();
+        let (model_id, revision) = self.resolve(&request.model_id, &request.revision)?;
         let freed = self
             .manager
             .models()
-            .unload(&request.model_id, &request.revision)
+            .unload(&model_id, &revision)
             .map_err(ApiError::from)?;
         Ok(Response::new(pb::UnloadModelResponse {
             freed_memory_bytes: freed,
@@ -354,9 +406,10 @@ impl pb::model_admin_server::ModelAdmin for AdminApi {
         request: Request<pb::DeleteModelRequest>,
     ) -> Result<Response<pb::DeleteModelResponse>, Status> {
         let r = request.into_inner();
+        let (model_id, revision) = self.resolve(&r.model_id, &r.revision)?;
         let deleted = self
             .manager
-            .delete_model(&r.model_id, &r.revision)
+            .delete_model(&model_id, &revision)
             .await
             .map_err(ApiError::from)?;
         Ok(Response::new(pb::DeleteModelResponse {

@@ -85,6 +85,13 @@ pub fn model_status(status: &crate::manager::models::ModelStatus) -> pb::ModelIn
             state: pb::ModelState::Loading as i32,
             ..Default::default()
         },
+        ModelStatus::Failed { key, error } => pb::ModelInfo {
+            model_id: key.model_id.clone(),
+            revision: key.revision.clone(),
+            state: pb::ModelState::Failed as i32,
+            state_message: error.clone(),
+            ..Default::default()
+        },
         ModelStatus::Loaded(model) => {
             let d = model.engine.description();
             let stats = model.engine.stats();
@@ -111,6 +118,7 @@ pub fn model_status(status: &crate::manager::models::ModelStatus) -> pb::ModelIn
                 tokens_generated: stats.tokens_generated,
                 kv_cache_bytes: d.kv_cache_bytes,
                 kv_cache_used_bytes: stats.kv_cache_used_bytes,
+                aliases: Vec::new(),
             }
         }
     }

@@ -27,11 +27,18 @@ impl InferenceApi {
         Self { manager }
     }
 
-    fn model(&self, model_id: &str, revision: &str) -> Result<InUse, ApiError> {
+    /// The model a request names (its alias resolved), loaded on demand when that is on.
+    async fn model(&self, model_id: &str, revision: &str) -> Result<InUse, ApiError> {
+        let (model_id, revision) = self
+            .manager
+            .aliases()
+            .resolve(model_id, revision)
+            .map_err(ApiError::from)?;
         self.manager
             .models()
-            .use_model(model_id, revision)
-            .map_err(ApiError::from)
+            .use_or_load(&model_id, &revision)
+            .await
+            .map_err(|e| ApiError::from(&*e))
     }
 
     /// Queues a generation and returns its events as messages built by `item`.
@@ -161,7 +168,7 @@ impl pb::inference_server::Inference for InferenceApi {
         if r.prompt.is_empty() {
             return Err(ApiError::invalid_argument("prompt", "`prompt` must not be empty").into());
         }
-        let model = self.model(&r.model_id, &r.revision)?;
+        let model = self.model(&r.model_id, &r.revision).await?;
         let prompt = Prompt::Text {
             text: r.prompt,
             add_special_tokens: r.add_special_tokens,
@@ -189,7 +196,7 @@ impl pb::inference_server::Inference for InferenceApi {
             )
             .into());
         }
-        let model = self.model(&r.model_id, &r.revision)?;
+        let model = self.model(&r.model_id, &r.revision).await?;
         let messages = r
             .messages
             .into_iter()
@@ -214,7 +221,7 @@ impl pb::inference_server::Inference for InferenceApi {
         request: Request<pb::TokenizeRequest>,
     ) -> Result<Response<pb::TokenizeResponse>, Status> {
         let r = request.into_inner();
-        let model = self.model(&r.model_id, &r.revision)?;
+        let model = self.model(&r.model_id, &r.revision).await?;
         let engine = model.model().engine.clone();
         let pieces =
             tokio::task::spawn_blocking(move || engine.tokenize(&r.text, r.add_special_tokens))
@@ -240,7 +247,7 @@ impl pb::inference_server::Inference for InferenceApi {
         request: Request<pb::EmbedRequest>,
     ) -> Result<Response<pb::EmbedResponse>, Status> {
         let r = request.into_inner();
-        let model = self.model(&r.model_id, &r.revision)?;
+        let model = self.model(&r.model_id, &r.revision).await?;
         let answer = model
             .model()
             .engine

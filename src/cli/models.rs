@@ -223,6 +223,7 @@ pub async fn load(args: LoadArgs) -> anyhow::Result<ExitCode> {
         model_id: args.model.clone(),
         revision: args.revision,
         options: Some(options),
+        alias: String::new(),
     });
     match client.admin().load_model(request).await {
         Ok(r) => {

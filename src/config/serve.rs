@@ -35,6 +35,12 @@ pub struct ServeArgs {
     #[arg(long = "load", env = "LMX_LOAD", value_delimiter = ',')]
     pub load: Vec<String>,
 
+    /// An alias for a model (repeatable or comma-separated): `NAME=REFERENCE`, where REFERENCE
+    /// is what --load takes. Every RPC accepts NAME in place of the reference; ListModels shows
+    /// it. NAME: 1 to 64 letters, digits, '.', '_' or '-'.
+    #[arg(long = "alias", env = "LMX_ALIASES", value_delimiter = ',')]
+    pub aliases: Vec<String>,
+
     /// Address of the Prometheus metrics listener (`GET /metrics`); off when unset.
     #[arg(long, env = "LMX_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
@@ -215,6 +221,16 @@ pub struct EngineArgs {
     #[arg(long, env = "LMX_KEEP_ALIVE", default_value = "0s", value_parser = humantime::parse_duration)]
     pub keep_alive: Duration,
 
+    /// Generate, Chat, Tokenize and Embed on a model that is in the cache but not loaded load it
+    /// first (the snapshot guard, memory budget and LRU eviction apply; concurrent first
+    /// requests share one load). `false`: they fail with FAILED_PRECONDITION (MODEL_NOT_LOADED).
+    #[arg(long, env = "LMX_LOAD_ON_DEMAND", default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub load_on_demand: bool,
+
+    /// Unload a model loaded on demand after it has been idle this long; `0s` keeps it loaded.
+    #[arg(long, env = "LMX_DEFAULT_KEEP_ALIVE", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub default_keep_alive: Duration,
+
     /// Requests queued or running per model; beyond it, RESOURCE_EXHAUSTED at once.
     #[arg(long, env = "LMX_MAX_QUEUE", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub max_queue: u32,
@@ -354,6 +370,9 @@ impl EngineArgs {
             },
             memory_budget: self.memory_budget.bytes(total_memory),
             keep_alive: (!self.keep_alive.is_zero()).then_some(self.keep_alive),
+            load_on_demand: self.load_on_demand,
+            on_demand_keep_alive: (!self.default_keep_alive.is_zero())
+                .then_some(self.default_keep_alive),
         })
     }
 }
@@ -469,6 +488,15 @@ mod tests {
             .unwrap();
         assert_eq!(engine.memory_budget, 1 << 30);
         assert_eq!(engine.keep_alive, Some(Duration::from_secs(300)));
+        assert!(engine.load_on_demand, "on by default");
+        assert_eq!(engine.on_demand_keep_alive, Some(Duration::from_secs(300)));
+        let off = serve(&["--load-on-demand=false", "--default-keep-alive", "0s"]).unwrap();
+        let off = off
+            .engine
+            .resolve(1 << 40, &off.limits.engine_limits())
+            .unwrap();
+        assert!(!off.load_on_demand);
+        assert_eq!(off.on_demand_keep_alive, None);
         assert_eq!(engine.load.device, "cuda:1");
         assert_eq!(engine.load.limits.max_prompt_tokens, Some(1000));
     }

@@ -10,8 +10,8 @@ use std::{path::Path, sync::Arc};
 use candle_core::{quantized::gguf_file, DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use candle_transformers::models::{
-    gemma2, gemma3, llama, mistral, phi3, quantized_gemma3, quantized_llama, quantized_qwen2,
-    qwen2, qwen3,
+    gemma2, gemma3, llama, mistral, phi3, quantized_gemma3, quantized_llama, quantized_phi3,
+    quantized_qwen2, quantized_qwen3, qwen2, qwen3,
 };
 use serde_json::Value;
 
@@ -58,11 +58,10 @@ pub const SAFETENSORS_ARCHITECTURES: &[&str] = &[
     "gemma3",
     "gemma3_text",
 ];
-/// Architectures the engine can build from GGUF (qwen3 on the CPU only: candle-transformers,
-/// which runs GPU models, has no quantized qwen3 here).
-pub const GGUF_ARCHITECTURES: &[&str] = &["llama", "qwen2", "qwen3", "gemma3"];
-/// Those of them candle-transformers builds.
-const CANDLE_GGUF_ARCHITECTURES: &[&str] = &["llama", "qwen2", "gemma3"];
+/// Architectures the engine can build from GGUF: the llama family (llama, qwen2, qwen3) on lmx's
+/// own forward pass on the CPU, and all of them on candle-transformers' quantized models (GPUs,
+/// `LMX_NATIVE=0`, and phi3 and gemma3 always).
+pub const GGUF_ARCHITECTURES: &[&str] = &["llama", "qwen2", "qwen3", "phi3", "gemma3"];
 
 /// The logits of the last position as a 1-D f32 tensor, whatever shape the model returns.
 fn last_logits(logits: Tensor) -> candle_core::Result<Tensor> {
@@ -281,15 +280,48 @@ pub(crate) fn load_candle_safetensors(
     dtype: DType,
     device: &Device,
 ) -> Result<LoadedLm, EngineError> {
+    // SAFETY: the snapshot guard has verified these files; they are not modified while mapped
+    // (the cache only ever adds new blobs and replaces links, never rewrites a blob in place).
+    let vb = unsafe { VarBuilder::from_mmaped_safetensors(weights, dtype, device) }
+        .map_err(candle("mapping the weights"))?;
+    load_candle(config, vb, dtype, device)
+}
+
+/// Builds a causal LM from PyTorch checkpoints (`pytorch_model*.bin`, zip archives of pickled
+/// tensors) and its config.json, on candle-transformers' model code: the architectures of
+/// [`SAFETENSORS_ARCHITECTURES`]. Pickled tensors cannot be mapped, so they are read whole.
+pub fn load_pytorch(
+    config: &Value,
+    weights: &[std::path::PathBuf],
+    dtype: DType,
+    device: &Device,
+) -> Result<LoadedLm, EngineError> {
+    let mut tensors = std::collections::HashMap::new();
+    for file in weights {
+        let read = candle_core::pickle::read_all(file).map_err(|e| {
+            EngineError::Load(format!(
+                "reading the PyTorch checkpoint {}: {e}",
+                file.display()
+            ))
+        })?;
+        tensors.extend(read);
+    }
+    let vb = VarBuilder::from_tensors(tensors, dtype, device);
+    load_candle(config, vb, dtype, device)
+}
+
+/// The candle-transformers model of config.json's `model_type` over `vb`.
+fn load_candle(
+    config: &Value,
+    vb: VarBuilder,
+    dtype: DType,
+    device: &Device,
+) -> Result<LoadedLm, EngineError> {
     let model_type = config
         .get("model_type")
         .and_then(Value::as_str)
         .unwrap_or("")
         .to_owned();
-    // SAFETY: the snapshot guard has verified these files; they are not modified while mapped
-    // (the cache only ever adds new blobs and replaces links, never rewrites a blob in place).
-    let vb = unsafe { VarBuilder::from_mmaped_safetensors(weights, dtype, device) }
-        .map_err(candle("mapping the weights"))?;
     let mut context = context_length(config);
     let model: Box<dyn CausalLm> = match model_type.as_str() {
         "llama" => {
@@ -446,6 +478,16 @@ pub(crate) fn load_candle_gguf(
                 logits: Vec::new(),
             })
         }
+        "qwen3" => {
+            let model = quantized_qwen3::ModelWeights::from_gguf(content, &mut file, device)
+                .map_err(candle("loading GGUF qwen3 weights"))?;
+            cloneable(model, device, quantized_qwen3::ModelWeights::forward)
+        }
+        "phi3" => {
+            let model = quantized_phi3::ModelWeights::from_gguf(false, content, &mut file, device)
+                .map_err(candle("loading GGUF phi3 weights"))?;
+            cloneable(model, device, quantized_phi3::ModelWeights::forward)
+        }
         "gemma3" => {
             let model = quantized_gemma3::ModelWeights::from_gguf(content, &mut file, device)
                 .map_err(candle("loading GGUF gemma3 weights"))?;
@@ -454,12 +496,7 @@ pub(crate) fn load_candle_gguf(
         other => {
             return Err(EngineError::UnsupportedArchitecture {
                 model_type: other.to_owned(),
-                supported: if device.is_cpu() {
-                    GGUF_ARCHITECTURES
-                } else {
-                    CANDLE_GGUF_ARCHITECTURES
-                }
-                .join(", "),
+                supported: GGUF_ARCHITECTURES.join(", "),
             })
         }
     };

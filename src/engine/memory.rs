@@ -8,7 +8,9 @@ use std::path::{Path, PathBuf};
 use candle_core::{quantized::gguf_file, DType};
 use serde_json::Value;
 
-use super::{arch, gguf_file as find_gguf, read_config, safetensors_files, EngineError};
+use super::{
+    arch, gguf_file as find_gguf, pytorch_files, read_config, safetensors_files, EngineError,
+};
 
 /// A model's memory needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -109,6 +111,25 @@ pub(crate) fn weights_memory(files: &[PathBuf], dtype: DType) -> Result<u64, Eng
         .sum())
 }
 
+/// Bytes the tensors of PyTorch checkpoints take at `dtype` (floats) or their own type, from
+/// the pickled headers only.
+pub(crate) fn pytorch_memory(files: &[PathBuf], dtype: DType) -> Result<u64, EngineError> {
+    let mut total = 0u64;
+    for file in files {
+        let infos = candle_core::pickle::read_pth_tensor_info(file, false, None)
+            .map_err(|e| EngineError::Load(format!("reading {}: {e}", file.display())))?;
+        for info in infos {
+            let size = if info.dtype.is_float() {
+                dtype.size_in_bytes()
+            } else {
+                info.dtype.size_in_bytes()
+            };
+            total += (info.layout.shape().elem_count() * size) as u64;
+        }
+    }
+    Ok(total)
+}
+
 /// What the model in `dir` will take in memory at `dtype` (None: f32) on `device` ("cpu",
 /// "cuda", …), from the weight headers and the config only: what the manager checks against
 /// its memory budget before loading.
@@ -119,10 +140,24 @@ pub fn estimate_memory(
 ) -> Result<MemoryEstimate, EngineError> {
     let cpu = device == "cpu";
     let files = safetensors_files(dir)?;
+    let pytorch = if files.is_empty() {
+        pytorch_files(dir)?
+    } else {
+        Vec::new()
+    };
+    if !pytorch.is_empty() {
+        let dtype = dtype.unwrap_or(DType::F32);
+        let config = read_config(dir)?;
+        return Ok(MemoryEstimate {
+            weights: pytorch_memory(&pytorch, dtype)?,
+            kv_bytes_per_token: kv_bytes_per_token_hf(&config, dtype, cpu),
+            context_length: arch::context_length(&config),
+        });
+    }
     if files.is_empty() {
         let Some(path) = find_gguf(dir) else {
             return Err(EngineError::Load(
-                "no safetensors or GGUF weights in the snapshot".into(),
+                "no safetensors, PyTorch or GGUF weights in the snapshot".into(),
             ));
         };
         let weights = std::fs::metadata(&path)

@@ -318,6 +318,41 @@ fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>, EngineError> {
     Ok(files)
 }
 
+/// Weight files of a PyTorch snapshot: those `pytorch_model.bin.index.json` names, else the
+/// top-level `pytorch_model*.bin` files.
+fn pytorch_files(dir: &Path) -> Result<Vec<PathBuf>, EngineError> {
+    let index = dir.join("pytorch_model.bin.index.json");
+    if let Ok(bytes) = std::fs::read(&index) {
+        let value: Value = serde_json::from_slice(&bytes)
+            .map_err(|e| EngineError::Load(format!("pytorch_model.bin.index.json: {e}")))?;
+        let mut files: Vec<PathBuf> = value
+            .get("weight_map")
+            .and_then(Value::as_object)
+            .map(|m| {
+                m.values()
+                    .filter_map(Value::as_str)
+                    .map(|f| dir.join(f))
+                    .collect()
+            })
+            .unwrap_or_default();
+        files.sort();
+        files.dedup();
+        return Ok(files);
+    }
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| EngineError::Load(format!("listing {}: {e}", dir.display())))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.extension().is_some_and(|x| x == "bin")
+                && p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("pytorch_model"))
+        })
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
 fn gguf_file(dir: &Path) -> Option<PathBuf> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .ok()?
@@ -344,9 +379,31 @@ pub fn load(
 ) -> Result<Arc<dyn Engine>, EngineError> {
     let device = parse_device(&options.device)?;
     let dtype = options.dtype.unwrap_or(DType::F32);
-    let (runner, description, tokenizer_info) = if let Some(path) =
-        gguf_file(dir).filter(|_| safetensors_files(dir).map(|f| f.is_empty()).unwrap_or(true))
-    {
+    let no_safetensors = safetensors_files(dir).map(|f| f.is_empty()).unwrap_or(true);
+    let pytorch = if no_safetensors {
+        pytorch_files(dir)?
+    } else {
+        Vec::new()
+    };
+    let (runner, description, tokenizer_info) = if !pytorch.is_empty() {
+        let config = read_config(dir)?;
+        let memory = memory::pytorch_memory(&pytorch, dtype)?;
+        let info = tokenizer::load(dir, Some(&config), None)?;
+        let lm = arch::load_pytorch(&config, &pytorch, dtype, &device)?;
+        let description = ModelDescription {
+            kind: ModelKind::Generator,
+            architecture: lm.architecture,
+            format: WeightFormat::PytorchBin,
+            context_length: lm.context_length,
+            memory_bytes: memory,
+            kv_cache_bytes: 0,
+            kv_bytes_per_token: memory::kv_bytes_per_token_hf(&config, dtype, device.is_cpu()),
+            dtype,
+            device: options.device.clone(),
+            has_chat_template: info.chat_template.is_some(),
+        };
+        (generator(lm.model, &info), description, info)
+    } else if let Some(path) = gguf_file(dir).filter(|_| no_safetensors) {
         let mut file = std::fs::File::open(&path)
             .map_err(|e| EngineError::Load(format!("opening {}: {e}", path.display())))?;
         let content = gguf_file::Content::read(&mut file)
@@ -373,7 +430,7 @@ pub fn load(
         let files = safetensors_files(dir)?;
         if files.is_empty() {
             return Err(EngineError::Load(
-                "no safetensors or GGUF weights in the snapshot".into(),
+                "no safetensors, PyTorch or GGUF weights in the snapshot".into(),
             ));
         }
         let memory = memory::weights_memory(&files, dtype)?;

@@ -1,6 +1,7 @@
 //! The model manager: resolves models in the cache, verifies snapshots, and (in later layers)
 //! runs downloads and hands verified snapshots to the engine. Knows nothing of gRPC.
 
+pub mod aliases;
 pub mod cache;
 pub mod catalog;
 pub mod download;
@@ -82,6 +83,7 @@ pub struct Manager {
     cache: Cache,
     models: Registry,
     downloads: download::Downloads,
+    aliases: aliases::Aliases,
 }
 
 impl Manager {
@@ -99,7 +101,13 @@ impl Manager {
             cache,
             models,
             downloads,
+            aliases: aliases::Aliases::default(),
         })
+    }
+
+    /// The model aliases.
+    pub fn aliases(&self) -> &aliases::Aliases {
+        &self.aliases
     }
 
     pub fn cache(&self) -> &Cache {
@@ -147,11 +155,13 @@ impl Manager {
                 ),
             });
         }
+        let repo_id_owned = repo_id.to_owned();
         let (cache, repo_id, revision) =
             (self.cache.clone(), repo_id.to_owned(), revision.to_owned());
         let deleted =
             tokio::task::spawn_blocking(move || catalog::delete(&cache, &repo_id, &revision))
                 .await??;
+        self.models.forget_failures(&repo_id_owned);
         tracing::info!(commits = ?deleted.commits, freed_bytes = deleted.freed_bytes, "snapshots deleted");
         Ok(deleted)
     }

@@ -40,6 +40,11 @@ pub struct EngineSettings {
     pub memory_budget: u64,
     /// Idle time after which a model is unloaded; None: never.
     pub keep_alive: Option<Duration>,
+    /// Whether an inference request on a cached, unloaded model loads it (`--load-on-demand`).
+    /// Off by default here (an embedding program asks for it); `lmx serve` turns it on.
+    pub load_on_demand: bool,
+    /// Idle time after which a model loaded on demand is unloaded; None: never.
+    pub on_demand_keep_alive: Option<Duration>,
 }
 
 impl Default for EngineSettings {
@@ -48,12 +53,14 @@ impl Default for EngineSettings {
             load: LoadOptions::default(),
             memory_budget: u64::MAX,
             keep_alive: None,
+            load_on_demand: false,
+            on_demand_keep_alive: None,
         }
     }
 }
 
 /// Per-request load options (unset: the server defaults).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct LoadSpec {
     pub dtype: Option<DType>,
     pub device: Option<String>,
@@ -174,8 +181,16 @@ impl Drop for InUse {
 /// A model being loaded or loaded.
 #[derive(Clone)]
 pub enum ModelStatus {
-    Loading { key: ModelKey, started: SystemTime },
+    Loading {
+        key: ModelKey,
+        started: SystemTime,
+    },
     Loaded(Arc<LoadedModel>),
+    /// The last load failed (kept until the next load or a delete).
+    Failed {
+        key: ModelKey,
+        error: String,
+    },
 }
 
 type LoadResult = Result<Arc<LoadedModel>, Arc<ManagerError>>;
@@ -199,6 +214,8 @@ struct Inner {
     cache: Cache,
     settings: EngineSettings,
     slots: Mutex<HashMap<ModelKey, Slot>>,
+    /// Why the last load of a model failed, until it is loaded again or deleted.
+    failed: Mutex<HashMap<ModelKey, String>>,
     committed: Arc<AtomicU64>,
     released: Arc<Notify>,
     ready: watch::Sender<bool>,
@@ -214,6 +231,7 @@ impl Registry {
             cache,
             settings,
             slots: Mutex::new(HashMap::new()),
+            failed: Mutex::new(HashMap::new()),
             committed: Arc::new(AtomicU64::new(0)),
             released: Arc::new(Notify::new()),
             ready,
@@ -230,6 +248,18 @@ impl Registry {
             .slots
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn failed(&self) -> std::sync::MutexGuard<'_, HashMap<ModelKey, String>> {
+        self.0
+            .failed
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Forgets the failed loads of `repo_id` (all revisions): its snapshots were deleted.
+    pub fn forget_failures(&self, repo_id: &str) {
+        self.failed().retain(|k, _| k.model_id != repo_id);
     }
 
     fn publish_readiness(&self, slots: &HashMap<ModelKey, Slot>) {
@@ -251,6 +281,7 @@ impl Registry {
             let mut slots = self.slots();
             match slots.get(&key) {
                 Some(Slot::Ready(model)) => {
+                    check_same_options(model, &spec).map_err(Arc::new)?;
                     model.touch();
                     return Ok(Loaded {
                         model: model.clone(),
@@ -259,6 +290,7 @@ impl Registry {
                 }
                 Some(Slot::Loading { done, .. }) => done.clone(),
                 None => {
+                    self.failed().remove(&key);
                     let (tx, rx) = watch::channel(None);
                     slots.insert(
                         key.clone(),
@@ -298,12 +330,14 @@ impl Registry {
         let mut slots = self.slots();
         match result {
             Ok(model) => {
+                self.failed().remove(key);
                 slots.insert(key.clone(), Slot::Ready(model.clone()));
                 if let Some(keep_alive) = model.keep_alive {
                     self.spawn_keep_alive(Arc::downgrade(model), keep_alive);
                 }
             }
-            Err(_) => {
+            Err(e) => {
+                self.failed().insert(key.clone(), e.to_string());
                 slots.remove(key);
             }
         }
@@ -503,6 +537,34 @@ impl Registry {
         }
     }
 
+    /// [`Registry::use_model`], loading the model first when it is in the cache but not loaded
+    /// and load on demand is on: the snapshot guard, the memory budget and LRU eviction apply,
+    /// concurrent first requests share one load, and the model unloads after the on-demand
+    /// keep-alive of idle time.
+    pub async fn use_or_load(
+        &self,
+        model_id: &str,
+        revision: &str,
+    ) -> Result<InUse, Arc<ManagerError>> {
+        match self.use_model(model_id, revision) {
+            Err(ManagerError::NotLoaded(_) | ManagerError::Loading(_))
+                if self.0.settings.load_on_demand =>
+            {
+                let spec = LoadSpec {
+                    // Some(zero): never unload.
+                    keep_alive: Some(self.0.settings.on_demand_keep_alive.unwrap_or_default()),
+                    ..LoadSpec::default()
+                };
+                let loaded = self.load(model_id, revision, spec).await?;
+                if !loaded.already_loaded {
+                    tracing::info!(model = %loaded.model.key, "loaded on demand");
+                }
+                self.use_model(model_id, revision).map_err(Arc::new)
+            }
+            other => other.map_err(Arc::new),
+        }
+    }
+
     /// Whether any revision of `repo_id` is loaded or loading.
     pub fn has_repo(&self, repo_id: &str) -> bool {
         self.slots().keys().any(|k| k.model_id == repo_id)
@@ -524,7 +586,40 @@ impl Registry {
                 (key.clone(), status)
             })
             .collect();
+        for (key, error) in self.failed().iter() {
+            if !slots.contains_key(key) {
+                let status = ModelStatus::Failed {
+                    key: key.clone(),
+                    error: error.clone(),
+                };
+                out.push((key.clone(), status));
+            }
+        }
         out.sort_by(|a, b| a.0.cmp(&b.0));
         out.into_iter().map(|(_, s)| s).collect()
     }
+}
+
+/// Refuses a load of a loaded model with another dtype or device than it has: the request
+/// would otherwise be answered with an instance other than the one it asked for.
+fn check_same_options(model: &LoadedModel, spec: &LoadSpec) -> Result<(), ManagerError> {
+    let d = model.engine.description();
+    let dtype_differs = spec.dtype.is_some_and(|dtype| dtype != d.dtype);
+    let device_differs = spec
+        .device
+        .as_ref()
+        .is_some_and(|device| *device != d.device);
+    if !dtype_differs && !device_differs {
+        return Ok(());
+    }
+    let asked_dtype = spec.dtype.unwrap_or(d.dtype);
+    let asked_device = spec.device.clone().unwrap_or_else(|| d.device.clone());
+    Err(ManagerError::InUse {
+        reason: "LOAD_OPTIONS_CONFLICT",
+        message: format!(
+            "{} is loaded with dtype {:?} on device {}; the request asks for dtype {:?} on \
+             device {}: unload it first to load it differently",
+            model.key, d.dtype, d.device, asked_dtype, asked_device
+        ),
+    })
 }

@@ -40,6 +40,8 @@ pub struct Config {
     pub metrics_listen: Option<SocketAddr>,
     /// (model_id, revision) pairs to load at start.
     pub preload: Vec<(String, String)>,
+    /// Aliases set at start (`--alias NAME=REFERENCE`).
+    pub aliases: Vec<(String, crate::manager::aliases::Target)>,
     /// Largest request message, in bytes.
     pub max_message_size: usize,
 }
@@ -57,6 +59,7 @@ impl Config {
             tls: None,
             metrics_listen: None,
             preload: Vec::new(),
+            aliases: Vec::new(),
             max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
         }
     }
@@ -73,6 +76,11 @@ impl Config {
             tls,
             metrics_listen: args.metrics_listen,
             preload: args.load.iter().map(|s| split_model_spec(s)).collect(),
+            aliases: args
+                .aliases
+                .iter()
+                .map(|flag| crate::manager::aliases::parse_flag(flag))
+                .collect::<Result<_, _>>()?,
             downloads,
             cache_dir: hub.cache_dir,
             model_roots: args.model_roots.clone(),

@@ -72,6 +72,19 @@ pub async fn serve(
         .map_err(|e| anyhow::anyhow!("starting the model manager: {e}"))?,
     );
 
+    for (name, target) in &config.aliases {
+        if let Err(e) = manager
+            .cache()
+            .check_model_ref(&target.model_id, &target.revision)
+        {
+            anyhow::bail!("--alias {name}: {e}");
+        }
+        manager
+            .aliases()
+            .set(name, &target.model_id, &target.revision)
+            .map_err(|e| anyhow::anyhow!("--alias {name}: {e}"))?;
+    }
+
     for (model_id, revision) in config.preload.clone() {
         let models = manager.models().clone();
         tokio::spawn(async move {
@@ -82,14 +95,19 @@ pub async fn serve(
         });
     }
 
+    // google.rpc's descriptors (ErrorInfo, BadRequest, PreconditionFailure, ResourceInfo, ... and
+    // the google.protobuf types they import) are served too, so that grpcurl and other reflection
+    // clients decode the details of every error instead of printing an opaque Any.
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .context("building the reflection service (v1)")?;
     let reflection_v1alpha = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()
         .context("building the reflection service (v1alpha)")?;
 

@@ -5,6 +5,7 @@
 //! Not used by the server itself.
 
 pub mod convert;
+pub mod pytorch;
 pub mod tiny;
 
 use std::{

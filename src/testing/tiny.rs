@@ -389,3 +389,104 @@ pub fn spm_llama_gguf_with(seed: u64, matrices: candle_core::quantized::GgmlDTyp
     gguf_file::write(&mut out, &meta, &qt).expect("write tiny GGUF");
     out.into_inner()
 }
+
+/// GGUF name of a tiny HF tensor for `arch` (qwen3 or phi3, neither of which llama.cpp permutes).
+fn gguf_tensor_name(name: &str) -> Option<String> {
+    let simple = match name {
+        "model.embed_tokens.weight" => Some("token_embd.weight"),
+        "model.norm.weight" => Some("output_norm.weight"),
+        "lm_head.weight" => Some("output.weight"),
+        _ => None,
+    };
+    if let Some(s) = simple {
+        return Some(s.to_owned());
+    }
+    let rest = name.strip_prefix("model.layers.")?;
+    let (layer, part) = rest.split_once('.')?;
+    let part = match part {
+        "input_layernorm.weight" => "attn_norm.weight",
+        "post_attention_layernorm.weight" => "ffn_norm.weight",
+        "self_attn.q_proj.weight" => "attn_q.weight",
+        "self_attn.k_proj.weight" => "attn_k.weight",
+        "self_attn.v_proj.weight" => "attn_v.weight",
+        "self_attn.qkv_proj.weight" => "attn_qkv.weight",
+        "self_attn.o_proj.weight" => "attn_output.weight",
+        "self_attn.q_norm.weight" => "attn_q_norm.weight",
+        "self_attn.k_norm.weight" => "attn_k_norm.weight",
+        "mlp.gate_proj.weight" => "ffn_gate.weight",
+        "mlp.up_proj.weight" => "ffn_up.weight",
+        "mlp.gate_up_proj.weight" => "ffn_up.weight",
+        "mlp.down_proj.weight" => "ffn_down.weight",
+        _ => return None,
+    };
+    Some(format!("blk.{layer}.{part}"))
+}
+
+/// The tiny model of [`write_model`] for `arch` (`qwen3` or `phi3`) as an F32 GGUF file with the
+/// tensor names and metadata llama.cpp writes: the same weights, so a greedy run gives the same
+/// ids as the safetensors snapshot. No tokenizer metadata: put [`write_tokenizer_files`] beside it.
+pub fn gguf_of_tiny(arch: &str, seed: u64) -> Vec<u8> {
+    use candle_core::quantized::{GgmlDType, QTensor};
+    use gguf_file::Value as V;
+    let config = config(arch);
+    let varmap = build_varmap(arch, &config).expect("build tiny model");
+    fill_deterministic(&varmap, seed).expect("fill tiny weights");
+    let c = |key: &str| V::U32(config[key].as_u64().expect("tiny config value") as u32);
+    let heads = config["num_attention_heads"].as_u64().unwrap() as u32;
+    let head_dim = config
+        .get("head_dim")
+        .and_then(Value::as_u64)
+        .map_or(64 / heads, |d| d as u32);
+    let mut metadata = vec![
+        ("general.architecture".to_owned(), V::String(arch.into())),
+        // f32 activations in candle's quantized qwen3 (it defaults to f16).
+        ("general.dtype".to_owned(), V::U32(0)),
+        (
+            format!("{arch}.context_length"),
+            c("max_position_embeddings"),
+        ),
+        (format!("{arch}.embedding_length"), c("hidden_size")),
+        (
+            format!("{arch}.feed_forward_length"),
+            c("intermediate_size"),
+        ),
+        (format!("{arch}.block_count"), c("num_hidden_layers")),
+        (
+            format!("{arch}.attention.head_count"),
+            c("num_attention_heads"),
+        ),
+        (
+            format!("{arch}.attention.head_count_kv"),
+            c("num_key_value_heads"),
+        ),
+        (format!("{arch}.attention.key_length"), V::U32(head_dim)),
+        (format!("{arch}.attention.value_length"), V::U32(head_dim)),
+        (format!("{arch}.rope.dimension_count"), V::U32(head_dim)),
+        (format!("{arch}.rope.freq_base"), V::F32(10000.0)),
+        (
+            format!("{arch}.attention.layer_norm_rms_epsilon"),
+            V::F32(1e-5),
+        ),
+        (
+            "tokenizer.chat_template".to_owned(),
+            V::String(CHATML_TEMPLATE.into()),
+        ),
+    ];
+    metadata.sort_by(|a, b| a.0.cmp(&b.0));
+    let data = varmap.data().lock().expect("varmap lock");
+    let mut tensors: Vec<(String, QTensor)> = data
+        .iter()
+        .map(|(name, var)| {
+            let gguf = gguf_tensor_name(name)
+                .unwrap_or_else(|| panic!("no GGUF name for tiny tensor {name}"));
+            let qt = QTensor::quantize(var.as_tensor(), GgmlDType::F32).expect("tiny tensor");
+            (gguf, qt)
+        })
+        .collect();
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    let meta: Vec<(&str, &V)> = metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let qt: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, t)| (k.as_str(), t)).collect();
+    let mut out = std::io::Cursor::new(Vec::new());
+    gguf_file::write(&mut out, &meta, &qt).expect("write tiny GGUF");
+    out.into_inner()
+}

@@ -137,11 +137,17 @@ pub struct Spawned {
 /// Starts `lmx serve --log-format json <args>` (debug logging) and waits for the line that
 /// names its address; keeps reading its log so it never blocks on a full pipe.
 pub async fn spawn_serve(args: &[&str]) -> Spawned {
+    spawn_serve_with_env(args, &[]).await
+}
+
+/// [`spawn_serve`] with extra environment variables (`LMX_NATIVE=0`, ...).
+pub async fn spawn_serve_with_env(args: &[&str], env: &[(&str, &str)]) -> Spawned {
     use tokio::io::{AsyncBufReadExt, BufReader};
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_lmx"))
         .args(["serve", "--log-format", "json"])
         .args(args)
         .env("LMX_LOG", "debug")
+        .envs(env.iter().copied())
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()

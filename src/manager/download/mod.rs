@@ -116,6 +116,56 @@ struct Entry {
     key: (String, String),
     tracker: Arc<Tracker>,
     cancel: CancellationToken,
+    /// What the task was asked for: a request to join it must ask for the same.
+    asked: Asked,
+}
+
+/// The parts of a request that change what a task does (patterns in any order).
+#[derive(Debug, Clone, PartialEq)]
+struct Asked {
+    allow_patterns: Vec<String>,
+    ignore_patterns: Vec<String>,
+    auto_load: Option<LoadSpec>,
+}
+
+impl Asked {
+    fn of(request: &DownloadRequest) -> Self {
+        let sorted = |v: &[String]| {
+            let mut v = v.to_vec();
+            v.sort();
+            v.dedup();
+            v
+        };
+        Self {
+            allow_patterns: sorted(&request.allow_patterns),
+            ignore_patterns: sorted(&request.ignore_patterns),
+            auto_load: request.auto_load.clone(),
+        }
+    }
+
+    /// What differs from `running`, in words; None when nothing does.
+    fn difference(&self, running: &Asked) -> Option<String> {
+        let mut what = Vec::new();
+        if self.allow_patterns != running.allow_patterns {
+            what.push(format!(
+                "allow_patterns {:?} (running: {:?})",
+                self.allow_patterns, running.allow_patterns
+            ));
+        }
+        if self.ignore_patterns != running.ignore_patterns {
+            what.push(format!(
+                "ignore_patterns {:?} (running: {:?})",
+                self.ignore_patterns, running.ignore_patterns
+            ));
+        }
+        if self.auto_load != running.auto_load {
+            what.push(format!(
+                "auto_load {:?} (running: {:?})",
+                self.auto_load, running.auto_load
+            ));
+        }
+        (!what.is_empty()).then(|| what.join(", "))
+    }
 }
 
 #[derive(Default)]
@@ -212,7 +262,22 @@ impl Downloads {
         let key = (request.repo_id.clone(), revision.clone());
 
         let mut tasks = self.tasks();
-        if let Some(entry) = tasks.running.get(&key).and_then(|id| tasks.by_id.get(id)) {
+        let asked = Asked::of(&request);
+        if let Some((id, entry)) = tasks
+            .running
+            .get(&key)
+            .and_then(|id| tasks.by_id.get(id).map(|e| (id, e)))
+        {
+            if let Some(difference) = asked.difference(&entry.asked) {
+                return Err(ManagerError::InUse {
+                    reason: "DOWNLOAD_CONFLICT",
+                    message: format!(
+                        "download {id} of {}@{} is running with other options; this request \
+                         differs in {difference}: watch {id}, or cancel it and start again",
+                        key.0, key.1
+                    ),
+                });
+            }
             let rx = entry.tracker.subscribe();
             drop(tasks);
             return self.watcher(rx);
@@ -266,6 +331,7 @@ impl Downloads {
             key: key.clone(),
             tracker: tracker.clone(),
             cancel: CancellationToken::new(),
+            asked,
         });
         tasks.by_id.insert(id.clone(), entry.clone());
         tasks.running.insert(key, id.clone());
