@@ -289,24 +289,32 @@ fn parse_device(spec: &str) -> Result<Device, EngineError> {
     }
 }
 
+/// The files an index (`model.safetensors.index.json`, `pytorch_model.bin.index.json`) in
+/// `dir` names in its `weight_map`, sorted and deduplicated; None when there is no index.
+fn indexed_files(dir: &Path, index: &str) -> Result<Option<Vec<PathBuf>>, EngineError> {
+    let Ok(bytes) = std::fs::read(dir.join(index)) else {
+        return Ok(None);
+    };
+    let value: Value =
+        serde_json::from_slice(&bytes).map_err(|e| EngineError::Load(format!("{index}: {e}")))?;
+    let mut files: Vec<PathBuf> = value
+        .get("weight_map")
+        .and_then(Value::as_object)
+        .map(|m| {
+            m.values()
+                .filter_map(Value::as_str)
+                .map(|f| dir.join(f))
+                .collect()
+        })
+        .unwrap_or_default();
+    files.sort();
+    files.dedup();
+    Ok(Some(files))
+}
+
 /// Weight files of a safetensors snapshot: those the index names, else every top-level file.
 fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>, EngineError> {
-    let index = dir.join("model.safetensors.index.json");
-    if let Ok(bytes) = std::fs::read(&index) {
-        let value: Value = serde_json::from_slice(&bytes)
-            .map_err(|e| EngineError::Load(format!("model.safetensors.index.json: {e}")))?;
-        let mut files: Vec<PathBuf> = value
-            .get("weight_map")
-            .and_then(Value::as_object)
-            .map(|m| {
-                m.values()
-                    .filter_map(Value::as_str)
-                    .map(|f| dir.join(f))
-                    .collect()
-            })
-            .unwrap_or_default();
-        files.sort();
-        files.dedup();
+    if let Some(files) = indexed_files(dir, "model.safetensors.index.json")? {
         return Ok(files);
     }
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
@@ -321,22 +329,7 @@ fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>, EngineError> {
 /// Weight files of a PyTorch snapshot: those `pytorch_model.bin.index.json` names, else the
 /// top-level `pytorch_model*.bin` files.
 fn pytorch_files(dir: &Path) -> Result<Vec<PathBuf>, EngineError> {
-    let index = dir.join("pytorch_model.bin.index.json");
-    if let Ok(bytes) = std::fs::read(&index) {
-        let value: Value = serde_json::from_slice(&bytes)
-            .map_err(|e| EngineError::Load(format!("pytorch_model.bin.index.json: {e}")))?;
-        let mut files: Vec<PathBuf> = value
-            .get("weight_map")
-            .and_then(Value::as_object)
-            .map(|m| {
-                m.values()
-                    .filter_map(Value::as_str)
-                    .map(|f| dir.join(f))
-                    .collect()
-            })
-            .unwrap_or_default();
-        files.sort();
-        files.dedup();
+    if let Some(files) = indexed_files(dir, "pytorch_model.bin.index.json")? {
         return Ok(files);
     }
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
