@@ -3,9 +3,8 @@
 
 mod common;
 
-use common::TestServer;
+use common::{greedy_text, TestServer};
 use lmx::{manager::aliases, pb, testing};
-use tokio_stream::StreamExt;
 use tonic::{transport::Channel, Code};
 use tonic_types::StatusExt;
 
@@ -20,28 +19,6 @@ fn load(model_id: &str, alias: &str) -> pb::LoadModelRequest {
         alias: alias.into(),
         ..Default::default()
     }
-}
-
-async fn greedy_text(inference: &mut Inference, model_id: &str) -> Result<String, tonic::Status> {
-    let mut stream = inference
-        .generate(pb::GenerateRequest {
-            model_id: model_id.into(),
-            prompt: "Hello".into(),
-            parameters: Some(pb::GenerationParameters {
-                max_tokens: Some(6),
-                temperature: Some(0.0),
-                ..Default::default()
-            }),
-            ..Default::default()
-        })
-        .await?
-        .into_inner();
-    while let Some(item) = stream.next().await {
-        if let Some(pb::generate_response::Item::Completion(c)) = item?.item {
-            return Ok(c.text);
-        }
-    }
-    panic!("no completion");
 }
 
 #[tokio::test]

@@ -49,15 +49,7 @@ async fn load(
     model_id: &str,
     options: Option<pb::LoadOptions>,
 ) -> Result<pb::LoadModelResponse, tonic::Status> {
-    admin
-        .load_model(pb::LoadModelRequest {
-            model_id: model_id.into(),
-            revision: String::new(),
-            options,
-            alias: String::new(),
-        })
-        .await
-        .map(|r| r.into_inner())
+    common::load_model(admin, model_id, options).await
 }
 
 fn params(max_tokens: i32) -> Option<pb::GenerationParameters> {

@@ -31,25 +31,7 @@ fn put(server: &TestServer, repo: &str) {
 }
 
 async fn generate(mut inference: Inference, model_id: &str) -> Result<String, tonic::Status> {
-    let mut stream = inference
-        .generate(pb::GenerateRequest {
-            model_id: model_id.into(),
-            prompt: "Hello".into(),
-            parameters: Some(pb::GenerationParameters {
-                max_tokens: Some(6),
-                temperature: Some(0.0),
-                ..Default::default()
-            }),
-            ..Default::default()
-        })
-        .await?
-        .into_inner();
-    while let Some(item) = stream.next().await {
-        if let Some(pb::generate_response::Item::Completion(c)) = item?.item {
-            return Ok(c.text);
-        }
-    }
-    panic!("no completion");
+    common::greedy_text(&mut inference, model_id).await
 }
 
 async fn next_status(watch: &mut tonic::Streaming<tonic_health::pb::HealthCheckResponse>) -> i32 {

@@ -17,22 +17,6 @@ fn put(server: &TestServer, repo: &str, files: &testing::RepoFiles) {
     testing::write_hf_cache(&server.cache_dir(), repo, COMMIT, Some("main"), files);
 }
 
-async fn load(
-    admin: &mut Admin,
-    model_id: &str,
-    options: Option<pb::LoadOptions>,
-) -> Result<pb::LoadModelResponse, tonic::Status> {
-    admin
-        .load_model(pb::LoadModelRequest {
-            model_id: model_id.into(),
-            revision: String::new(),
-            options,
-            alias: String::new(),
-        })
-        .await
-        .map(|r| r.into_inner())
-}
-
 async fn listed(admin: &mut Admin, model_id: &str) -> Vec<pb::ModelInfo> {
     admin
         .list_models(pb::ListModelsRequest { loaded_only: false })
@@ -60,7 +44,9 @@ async fn a_failed_load_is_listed_failed_until_the_next_load_or_a_delete() {
     assert_eq!(before.len(), 1);
     assert_eq!(before[0].state(), pb::ModelState::Available);
 
-    let err = load(&mut admin, "tiny/broken", None).await.unwrap_err();
+    let err = common::load_model(&mut admin, "tiny/broken", None)
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
     let after = listed(&mut admin, "tiny/broken").await;
     assert_eq!(after.len(), 1, "listed once: {after:?}");
@@ -79,7 +65,9 @@ async fn a_failed_load_is_listed_failed_until_the_next_load_or_a_delete() {
     assert!(loaded_only.is_empty(), "a failed load is not loaded");
 
     // The next load replaces the state; it fails again, and the error is there again.
-    load(&mut admin, "tiny/broken", None).await.unwrap_err();
+    common::load_model(&mut admin, "tiny/broken", None)
+        .await
+        .unwrap_err();
     assert_eq!(
         listed(&mut admin, "tiny/broken").await[0].state(),
         pb::ModelState::Failed
@@ -100,12 +88,14 @@ async fn a_failed_load_is_listed_failed_until_the_next_load_or_a_delete() {
     let folder = dir.path().join("m");
     testing::tiny::write_model_with(&folder, "llama", 2, |c| c["model_type"] = "nonesuch".into());
     let folder = folder.to_str().unwrap().to_owned();
-    load(&mut admin, &folder, None).await.unwrap_err();
+    common::load_model(&mut admin, &folder, None)
+        .await
+        .unwrap_err();
     let failed = listed(&mut admin, &folder).await;
     assert_eq!(failed.len(), 1);
     assert_eq!(failed[0].state(), pb::ModelState::Failed);
     testing::tiny::write_model(dir.path().join("m").as_path(), "llama", 2);
-    load(&mut admin, &folder, None).await.unwrap();
+    common::load_model(&mut admin, &folder, None).await.unwrap();
     let loaded = listed(&mut admin, &folder).await;
     assert_eq!(loaded.len(), 1);
     assert_eq!(loaded[0].state(), pb::ModelState::Loaded);
@@ -118,7 +108,9 @@ async fn loading_a_loaded_model_with_another_dtype_or_device_is_refused() {
     let server = TestServer::start().await;
     put(&server, "tiny/llama", &testing::tiny_repo("llama", 1));
     let mut admin = Admin::new(server.channel().await);
-    let first = load(&mut admin, "tiny/llama", None).await.unwrap();
+    let first = common::load_model(&mut admin, "tiny/llama", None)
+        .await
+        .unwrap();
     assert!(!first.already_loaded);
 
     // The same options, spelled out or not, find the loaded instance.
@@ -131,7 +123,7 @@ async fn loading_a_loaded_model_with_another_dtype_or_device_is_refused() {
         }),
     ] {
         assert!(
-            load(&mut admin, "tiny/llama", options)
+            common::load_model(&mut admin, "tiny/llama", options)
                 .await
                 .unwrap()
                 .already_loaded
@@ -142,7 +134,7 @@ async fn loading_a_loaded_model_with_another_dtype_or_device_is_refused() {
         (pb::Dtype::Bf16, "", ["F32", "BF16"]),
         (pb::Dtype::Unspecified, "cuda:1", ["cpu", "cuda:1"]),
     ] {
-        let err = load(
+        let err = common::load_model(
             &mut admin,
             "tiny/llama",
             Some(pb::LoadOptions {

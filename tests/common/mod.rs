@@ -180,3 +180,47 @@ pub async fn spawn_serve_with_env(args: &[&str], env: &[(&str, &str)]) -> Spawne
     });
     Spawned { child, addr, log }
 }
+
+/// LoadModel of `model_id` with `options`; the reply.
+pub async fn load_model(
+    admin: &mut lmx::pb::model_admin_client::ModelAdminClient<Channel>,
+    model_id: &str,
+    options: Option<lmx::pb::LoadOptions>,
+) -> Result<lmx::pb::LoadModelResponse, tonic::Status> {
+    admin
+        .load_model(lmx::pb::LoadModelRequest {
+            model_id: model_id.into(),
+            revision: String::new(),
+            options,
+            alias: String::new(),
+        })
+        .await
+        .map(|r| r.into_inner())
+}
+
+/// A greedy Generate of 6 tokens after "Hello"; the completion's text.
+pub async fn greedy_text(
+    inference: &mut lmx::pb::inference_client::InferenceClient<Channel>,
+    model_id: &str,
+) -> Result<String, tonic::Status> {
+    use tokio_stream::StreamExt;
+    let mut stream = inference
+        .generate(lmx::pb::GenerateRequest {
+            model_id: model_id.into(),
+            prompt: "Hello".into(),
+            parameters: Some(lmx::pb::GenerationParameters {
+                max_tokens: Some(6),
+                temperature: Some(0.0),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    while let Some(item) = stream.next().await {
+        if let Some(lmx::pb::generate_response::Item::Completion(c)) = item?.item {
+            return Ok(c.text);
+        }
+    }
+    panic!("the stream ended without a completion");
+}
