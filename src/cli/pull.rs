@@ -100,6 +100,9 @@ async fn pull(args: PullArgs, to_wire: ToWire) -> anyhow::Result<ExitCode> {
         auto_load: args.auto_load,
         load_options: None,
     };
+    // Ctrl-C is caught from here on (before the server starts the download), not from the
+    // first poll of the loop below: a SIGINT in between would kill the process outright.
+    let mut interrupt = Interrupt::new()?;
     let (updates, canceller): (Updates, Option<Canceller>) = if args.local {
         (local_updates(&args, &request, to_wire)?, None)
     } else {
@@ -125,7 +128,7 @@ async fn pull(args: PullArgs, to_wire: ToWire) -> anyhow::Result<ExitCode> {
     loop {
         let next = tokio::select! {
             next = updates.next() => next,
-            _ = tokio::signal::ctrl_c(), if !cancel_sent => {
+            _ = interrupt.recv(), if !cancel_sent => {
                 cancel_sent = true;
                 match (&canceller, &last) {
                     (Some(c), Some(p)) if c.detach => {
@@ -408,6 +411,28 @@ fn progress_json(p: &pb::DownloadProgress) -> serde_json::Value {
         "auto_load_state": p.auto_load_state().as_str_name(),
         "auto_load_message": p.auto_load_message,
     })
+}
+
+/// SIGINT (Ctrl-C), listened for from its creation on.
+struct Interrupt {
+    #[cfg(unix)]
+    signal: tokio::signal::unix::Signal,
+}
+
+impl Interrupt {
+    fn new() -> anyhow::Result<Interrupt> {
+        Ok(Interrupt {
+            #[cfg(unix)]
+            signal: tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?,
+        })
+    }
+
+    async fn recv(&mut self) {
+        #[cfg(unix)]
+        self.signal.recv().await;
+        #[cfg(not(unix))]
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }
 
 #[cfg(test)]
