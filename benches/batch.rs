@@ -2,14 +2,14 @@
 //! batch`): N sequences each feed one token per step through one `Model::forward` call, for
 //! N = 1, 2, 4, 8, 16, on SmolLM2-135M as Q4_1 GGUF and as F32 GGUF.
 //!
-//! Each sequence's KV cache is first filled with its own 32-token prompt; every repetition then
+//! Each sequence's KV cache is first filled with its own 32-token prompt (`BATCH_PROMPT`); every repetition then
 //! runs `BATCH_STEPS` decode steps per configuration (configurations interleaved, in a rotated
 //! order each repetition) and cuts the caches back to the prompt, so every configuration sees
 //! the same context lengths. Printed per model and N: the median ms per step over
 //! `BATCH_REPS` repetitions, the aggregate tokens/s, and its ratio to N = 1 (and the step time's
 //! ratio to N = 1's).
 //!
-//! Env: `BATCH_REPS` (default 5), `BATCH_STEPS` (default 6), `BATCH_NS` (comma list, default
+//! Env: `BATCH_PROMPT` (default 32), `BATCH_REPS` (default 5), `BATCH_STEPS` (default 6), `BATCH_NS` (comma list, default
 //! `1,2,4,8,16`), `BATCH_MODELS` (substring filter on `q4_1` / `f32`), `RAYON_NUM_THREADS`,
 //! `LMX_KERNELS=scalar|avx2`. Models are read from `.cache/models/` (or `LMX_BENCH_MODELS`);
 //! a missing file is skipped with a note.
@@ -26,7 +26,10 @@ use lmx::engine::{
     native::{load_gguf, KvCache, Model, NativeConfig, Step, Workspace},
 };
 
-const PROMPT: usize = 32;
+/// Prompt tokens per sequence: `BATCH_PROMPT` (default 32).
+fn prompt_len() -> usize {
+    env_usize("BATCH_PROMPT", 32)
+}
 
 fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -83,14 +86,14 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 fn bench(name: &str, model: &Model, ns: &[usize], reps: usize, steps: usize) {
     let most = *ns.iter().max().unwrap();
-    let capacity = PROMPT + steps + 1;
+    let capacity = prompt_len() + steps + 1;
     let mut caches: Vec<KvCache> = (0..most)
         .map(|_| KvCache::new(&model.config, capacity))
         .collect();
     let mut ws = Workspace::default();
     // Prefill: each sequence its own prompt, in one call per sequence.
     for (i, cache) in caches.iter_mut().enumerate() {
-        let prompt: Vec<u32> = (0..PROMPT).map(|p| token(i, p)).collect();
+        let prompt: Vec<u32> = (0..prompt_len()).map(|p| token(i, p)).collect();
         model
             .forward(
                 &mut [Step {
@@ -103,7 +106,7 @@ fn bench(name: &str, model: &Model, ns: &[usize], reps: usize, steps: usize) {
     }
     let mut times: Vec<Vec<f64>> = vec![Vec::new(); ns.len()];
     let run = |n: usize, caches: &mut [KvCache], ws: &mut Workspace| -> f64 {
-        let tokens: Vec<[u32; 1]> = (0..n).map(|i| [token(i, PROMPT + 99)]).collect();
+        let tokens: Vec<[u32; 1]> = (0..n).map(|i| [token(i, prompt_len() + 99)]).collect();
         let start = Instant::now();
         for _ in 0..steps {
             let mut batch: Vec<Step<'_>> = caches[..n]
@@ -115,7 +118,7 @@ fn bench(name: &str, model: &Model, ns: &[usize], reps: usize, steps: usize) {
         }
         let per_step = start.elapsed().as_secs_f64() / steps as f64;
         for cache in &mut caches[..n] {
-            cache.truncate(PROMPT);
+            cache.truncate(prompt_len());
         }
         per_step
     };
@@ -180,7 +183,7 @@ fn main() {
     println!("SIMD flags: {}", simd_flags());
     println!(
         "{} prompt tokens per sequence, {steps} steps × {reps} repetitions per configuration (medians)",
-        PROMPT
+        prompt_len()
     );
     for (name, path) in models {
         if !name.contains(&only) {

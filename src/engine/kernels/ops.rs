@@ -160,6 +160,98 @@ pub fn swiglu(gate: &[f32], up: &[f32], out: &mut [f32]) {
     dispatch!(swiglu_body(gate: &[f32], up: &[f32], out: &mut [f32]))
 }
 
+/// `out[r] = Σ_j p[r·stride + j] · v[j]` for `r < rows`, `j < len`: the weighted sums of
+/// attention, `v` holding `len` rows of `width` values (one per cached position, in order) and
+/// `out` `rows` rows of `width`. Every value row is read once per four output rows, in order,
+/// and each of its vectors meets four weights.
+pub fn weighted_rows(
+    p: &[f32],
+    stride: usize,
+    rows: usize,
+    v: &[f32],
+    len: usize,
+    width: usize,
+    out: &mut [f32],
+) {
+    assert!(len <= stride || rows <= 1, "weights of {len} positions in rows of {stride}");
+    assert!(rows == 0 || p.len() >= (rows - 1) * stride + len, "weights are short");
+    assert!(v.len() >= len * width && out.len() >= rows * width, "values or output short");
+    dispatch!(weighted_rows_body(
+        p: &[f32],
+        stride: usize,
+        rows: usize,
+        v: &[f32],
+        len: usize,
+        width: usize,
+        out: &mut [f32]
+    ))
+}
+
+#[inline(always)]
+fn weighted_rows_body(
+    p: &[f32],
+    stride: usize,
+    rows: usize,
+    v: &[f32],
+    len: usize,
+    width: usize,
+    out: &mut [f32],
+) {
+    let mut r = 0;
+    while r < rows {
+        let n = (rows - r).min(4);
+        let mut d = 0;
+        // Columns in runs of 32 with the rows' sums in registers, then whatever is left.
+        while d + 32 <= width {
+            match n {
+                1 => weighted_run::<1>(p, stride, r, v, len, width, d, out),
+                2 => weighted_run::<2>(p, stride, r, v, len, width, d, out),
+                3 => weighted_run::<3>(p, stride, r, v, len, width, d, out),
+                _ => weighted_run::<4>(p, stride, r, v, len, width, d, out),
+            }
+            d += 32;
+        }
+        for i in r..r + n {
+            let (w, o) = (&p[i * stride..i * stride + len], &mut out[i * width..]);
+            o[d..width].fill(0.0);
+            for (j, &w) in w.iter().enumerate() {
+                for (o, &x) in o[d..width].iter_mut().zip(&v[j * width + d..(j + 1) * width]) {
+                    *o = w.mul_add(x, *o);
+                }
+            }
+        }
+        r += n;
+    }
+}
+
+/// Columns `d..d + 32` of output rows `r..r + R` (see [`weighted_rows`]).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn weighted_run<const R: usize>(
+    p: &[f32],
+    stride: usize,
+    r: usize,
+    v: &[f32],
+    len: usize,
+    width: usize,
+    d: usize,
+    out: &mut [f32],
+) {
+    let mut acc = [[0f32; 32]; R];
+    for j in 0..len {
+        let x: &[f32; 32] = v[j * width + d..j * width + d + 32].try_into().unwrap();
+        for (i, acc) in acc.iter_mut().enumerate() {
+            let w = p[(r + i) * stride + j];
+            for k in 0..32 {
+                acc[k] = w.mul_add(x[k], acc[k]);
+            }
+        }
+    }
+    for (i, acc) in acc.iter().enumerate() {
+        out[(r + i) * width + d..(r + i) * width + d + 32].copy_from_slice(acc);
+    }
+}
+
 /// How a model pairs the dimensions it rotates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RopeStyle {
@@ -217,6 +309,43 @@ mod tests {
         }
         assert_eq!(exp(-200.0), 0.0f32.max(exp(-200.0)));
         assert!(exp(-200.0) < 1e-37);
+    }
+
+    /// Against candle's matmul of the weights (rows of `stride`, the first `len` used) with
+    /// the value rows, for widths around the runs of 32 and row counts around runs of 4.
+    #[test]
+    fn weighted_rows_match_candle() {
+        for (rows, len, width) in [
+            (1, 1, 64),
+            (3, 37, 64),
+            (4, 5, 128),
+            (5, 70, 80),
+            (9, 16, 8),
+            (2, 33, 96),
+        ] {
+            let stride = len + 3;
+            let p = random(rows * stride, 3);
+            let v = random(len * width, 4);
+            let mut out = vec![f32::NAN; rows * width];
+            weighted_rows(&p, stride, rows, &v, len, width, &mut out);
+            let used: Vec<f32> = (0..rows)
+                .flat_map(|r| p[r * stride..r * stride + len].to_vec())
+                .collect();
+            let expected: Vec<f32> = Tensor::from_vec(used, (rows, len), &Device::Cpu)
+                .unwrap()
+                .matmul(&Tensor::from_vec(v.clone(), (len, width), &Device::Cpu).unwrap())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            for (i, (a, b)) in out.iter().zip(&expected).enumerate() {
+                assert!(
+                    (a - b).abs() <= 1e-5 * (1.0 + b.abs()) * len as f32,
+                    "{rows}×{len}×{width} [{i}]: {a} vs {b}"
+                );
+            }
+        }
     }
 
     /// Tolerance: 1e-6 relative to the largest magnitude (f32 rounding of the same formulas).

@@ -38,13 +38,13 @@ pub struct Model {
 
 /// Keys and values of one sequence, allocated once for its whole length.
 ///
-/// Layout per layer and key/value head: keys as `[capacity][head_dim]` (rows for the score
-/// product), values transposed as `[head_dim][capacity]` (rows for the weighted sum).
+/// Layout per layer and key/value head: keys and values as `[capacity][head_dim]`, one row per
+/// position, so that a step reads each of them front to back.
 pub struct KvCache {
     capacity: usize,
     len: usize,
     keys: Vec<f32>,
-    values_t: Vec<f32>,
+    values: Vec<f32>,
     head_dim: usize,
     kv_heads: usize,
     layers: usize,
@@ -58,7 +58,7 @@ impl KvCache {
             len: 0,
             // Zeroed pages from the OS: memory beyond what the sequence reaches stays untouched.
             keys: vec![0.0; size],
-            values_t: vec![0.0; size],
+            values: vec![0.0; size],
             head_dim: config.head_dim,
             kv_heads: config.kv_heads,
             layers: config.layers,
@@ -87,7 +87,7 @@ impl KvCache {
 
     /// Bytes its buffers take (allocated for the whole capacity).
     pub fn bytes(&self) -> u64 {
-        ((self.keys.len() + self.values_t.len()) * std::mem::size_of::<f32>()) as u64
+        ((self.keys.len() + self.values.len()) * std::mem::size_of::<f32>()) as u64
     }
 
     /// Bytes one cached position takes for `config`.
@@ -118,10 +118,7 @@ impl KvCache {
         for h in 0..heads {
             let (dst, src) = (h * self.capacity * hd, h * other.capacity * hd);
             self.keys[dst..dst + n * hd].copy_from_slice(&other.keys[src..src + n * hd]);
-            for d in 0..hd {
-                let (dst, src) = (dst + d * self.capacity, src + d * other.capacity);
-                self.values_t[dst..dst + n].copy_from_slice(&other.values_t[src..src + n]);
-            }
+            self.values[dst..dst + n * hd].copy_from_slice(&other.values[src..src + n * hd]);
         }
         self.len = n;
     }
@@ -133,7 +130,7 @@ impl KvCache {
             capacity: self.len,
             len: 0,
             keys: vec![0.0; size],
-            values_t: vec![0.0; size],
+            values: vec![0.0; size],
             head_dim: self.head_dim,
             kv_heads: self.kv_heads,
             layers: self.layers,
@@ -554,16 +551,11 @@ impl Model {
         let mut budget = 64 * 1024 / std::mem::size_of::<f32>();
         for g in 0..cache.kv_heads {
             let off = cache.head_offset(layer, g);
-            let keys = (kv_len * hd).min(budget);
-            kernels::prefetch(&cache.keys[off..off + keys]);
-            budget -= keys;
-            for d in 0..hd {
-                let live = kv_len.min(budget);
-                let row = off + d * cache.capacity;
-                kernels::prefetch(&cache.values_t[row..row + live]);
-                budget -= live;
-            }
-            if budget == 0 {
+            let live = (kv_len * hd).min(budget / 2);
+            kernels::prefetch(&cache.keys[off..off + live]);
+            kernels::prefetch(&cache.values[off..off + live]);
+            budget -= 2 * live;
+            if budget < 2 {
                 break;
             }
         }
@@ -589,17 +581,15 @@ impl Model {
         let group = c.heads / c.kv_heads;
         let start = cache.len;
         let kv_len = start + n;
-        let cap = cache.capacity;
         for i in 0..n {
             let row = &qkv[i * qkv_w..(i + 1) * qkv_w];
             for g in 0..c.kv_heads {
                 let off = cache.head_offset(layer, g);
                 let k = &row[q_dim + g * hd..q_dim + (g + 1) * hd];
                 let v = &row[q_dim + kv_dim + g * hd..q_dim + kv_dim + (g + 1) * hd];
-                cache.keys[off + (start + i) * hd..off + (start + i + 1) * hd].copy_from_slice(k);
-                for (d, &val) in v.iter().enumerate() {
-                    cache.values_t[off + d * cap + start + i] = val;
-                }
+                let at = off + (start + i) * hd..off + (start + i + 1) * hd;
+                cache.keys[at.clone()].copy_from_slice(k);
+                cache.values[at].copy_from_slice(v);
             }
         }
         let rows = n * group;
@@ -641,22 +631,14 @@ impl Model {
                     ops::softmax(live);
                 }
             }
-            // out = P · V: the transposed values are hd rows of stride `cap`.
-            let values = &cache.values_t[off..off + hd * cap];
+            // out = P · V, the values read once, front to back.
+            let values = &cache.values[off..off + kv_len * hd];
             let out = if n == 1 {
                 &mut attn[heads]
             } else {
                 &mut att_out[..]
             };
-            dense::matmul_strided(
-                DenseWeights::F32(values),
-                hd,
-                kv_len,
-                cap,
-                scores,
-                rows,
-                out,
-            );
+            ops::weighted_rows(scores, kv_len, rows, values, kv_len, hd, out);
             if n == 1 {
                 continue;
             }
