@@ -173,9 +173,18 @@ pub fn weighted_rows(
     width: usize,
     out: &mut [f32],
 ) {
-    assert!(len <= stride || rows <= 1, "weights of {len} positions in rows of {stride}");
-    assert!(rows == 0 || p.len() >= (rows - 1) * stride + len, "weights are short");
-    assert!(v.len() >= len * width && out.len() >= rows * width, "values or output short");
+    assert!(
+        len <= stride || rows <= 1,
+        "weights of {len} positions in rows of {stride}"
+    );
+    assert!(
+        rows == 0 || p.len() >= (rows - 1) * stride + len,
+        "weights are short"
+    );
+    assert!(
+        v.len() >= len * width && out.len() >= rows * width,
+        "values or output short"
+    );
     dispatch!(weighted_rows_body(
         p: &[f32],
         stride: usize,
@@ -215,7 +224,10 @@ fn weighted_rows_body(
             let (w, o) = (&p[i * stride..i * stride + len], &mut out[i * width..]);
             o[d..width].fill(0.0);
             for (j, &w) in w.iter().enumerate() {
-                for (o, &x) in o[d..width].iter_mut().zip(&v[j * width + d..(j + 1) * width]) {
+                for (o, &x) in o[d..width]
+                    .iter_mut()
+                    .zip(&v[j * width + d..(j + 1) * width])
+                {
                     *o = w.mul_add(x, *o);
                 }
             }
