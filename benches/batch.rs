@@ -9,7 +9,7 @@
 //! `BATCH_REPS` repetitions, the aggregate tokens/s, and its ratio to N = 1 (and the step time's
 //! ratio to N = 1's).
 //!
-//! Env: `BATCH_PROMPT` (default 32), `BATCH_REPS` (default 5), `BATCH_STEPS` (default 6), `BATCH_NS` (comma list, default
+//! Env: `BATCH_PROMPT` (default 32), `BATCH_CAPACITY` (cache positions; default what the run needs), `BATCH_REPS` (default 5), `BATCH_STEPS` (default 6), `BATCH_NS` (comma list, default
 //! `1,2,4,8,16`), `BATCH_MODELS` (substring filter on `q4_1` / `f32`), `RAYON_NUM_THREADS`,
 //! `LMX_KERNELS=scalar|avx2`. Models are read from `.cache/models/` (or `LMX_BENCH_MODELS`);
 //! a missing file is skipped with a note.
@@ -86,7 +86,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 fn bench(name: &str, model: &Model, ns: &[usize], reps: usize, steps: usize) {
     let most = *ns.iter().max().unwrap();
-    let capacity = prompt_len() + steps + 1;
+    let capacity = env_usize("BATCH_CAPACITY", prompt_len() + steps + 1);
     let mut caches: Vec<KvCache> = (0..most)
         .map(|_| KvCache::new(&model.config, capacity))
         .collect();

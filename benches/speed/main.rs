@@ -25,7 +25,8 @@
 //! Then concurrent streams (`concurrency.rs`): 1, 2, 4, 8 and 16 clients at once through `lmx
 //! serve` against llama.cpp's batched decoding, and a 2,000-token prompt arriving while 4
 //! streams decode. LMX_BENCH_ONLY=single or =concurrency runs one part; LMX_BENCH_STREAMS and
-//! LMX_BENCH_CONC_TOKENS set the stream counts and the tokens each stream generates.
+//! LMX_BENCH_CONC_TOKENS set the stream counts and the tokens each stream generates;
+//! LMX_BENCH_WEIGHTS=f32 or =q4_1 measures one weight set.
 
 mod concurrency;
 mod lmx_local;
@@ -107,7 +108,10 @@ fn main() {
         std::process::exit(2);
     }
     let peers = Peers::from_env();
-    let sets = prepare(&models, &gguf, peers.as_ref());
+    let mut sets = prepare(&models, &gguf, peers.as_ref());
+    if let Ok(only) = std::env::var("LMX_BENCH_WEIGHTS") {
+        sets.retain(|s| s.weights.label().eq_ignore_ascii_case(&only));
+    }
 
     let machine = machine::Machine::detect();
     let mut report = Report::default();

@@ -13,7 +13,7 @@ use std::{
         atomic::{AtomicU64, AtomicUsize, Ordering},
         Arc,
     },
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use tokenizers::Tokenizer;
@@ -244,7 +244,8 @@ impl Worker {
         let mut waiting: Option<Job> = None;
         let mut open = true;
         loop {
-            if active.is_empty() && waiting.is_none() {
+            let from_idle = active.is_empty() && waiting.is_none();
+            if from_idle {
                 if !open {
                     break;
                 }
@@ -271,6 +272,9 @@ impl Worker {
                     break;
                 }
             }
+            if from_idle && batch.is_some() && waiting.is_none() && !active.is_empty() {
+                self.gather(&mut active, &mut kv, &mut waiting, &mut open);
+            }
             if active.is_empty() {
                 // Nothing runs and the waiting request still does not fit: it never will
                 // (the engine checks requests against the budget before queueing them).
@@ -289,6 +293,37 @@ impl Worker {
         }
         self.counters.active.store(0, Ordering::Relaxed);
         drop(self.guard);
+    }
+
+    /// Takes the requests of a burst that woke the worker (see [`ARRIVAL_GAP`]).
+    fn gather(
+        &mut self,
+        active: &mut Vec<Sequence>,
+        kv: &mut KvState,
+        waiting: &mut Option<Job>,
+        open: &mut bool,
+    ) {
+        let start = Instant::now();
+        let mut last = start;
+        while active.len() < self.capacity() && waiting.is_none() {
+            match self.jobs.try_recv() {
+                Ok(job) => {
+                    *waiting = self.admit(job, active, kv);
+                    last = Instant::now();
+                }
+                Err(mpsc::error::TryRecvError::Empty) => {
+                    let now = Instant::now();
+                    if now - last >= ARRIVAL_GAP || now - start >= ARRIVAL_WINDOW {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_micros(100));
+                }
+                Err(mpsc::error::TryRecvError::Disconnected) => {
+                    *open = false;
+                    break;
+                }
+            }
+        }
     }
 
     /// How many sequences may be active: one for architectures that cannot fork.
@@ -494,14 +529,20 @@ struct Batch {
 const STALL_FACTOR: f64 = 2.0;
 /// The smallest prompt chunk.
 const MIN_CHUNK: usize = 1;
+/// Prompt tokens of all sequences together that one step carries while nobody decodes (each
+/// sequence's part at most `--prefill-chunk`): a burst of clients starts in one step, and all
+/// of them decode from the next, instead of the first ones decoding while the later ones'
+/// prompts stall them. (It bounds the step's activations: 1,024 rows.)
+const WAVE_TOKENS: usize = 1024;
+/// A request that wakes an idle worker waits for the others of its burst: requests are taken
+/// while they keep arriving within `ARRIVAL_GAP` of each other, for at most `ARRIVAL_WINDOW`.
+const ARRIVAL_GAP: Duration = Duration::from_micros(1500);
+const ARRIVAL_WINDOW: Duration = Duration::from_millis(10);
 
-/// Sizes prompt chunks from measured step times. With nobody decoding, or when every waiting
-/// prompt (what it did not find in the prefix cache) is short enough to go in one chunk (new
-/// requests of the usual size; not the tail of a long prompt), prompts go at
-/// the largest chunk: the running streams pause for one step and the new ones start at once.
-/// Otherwise (a long prompt arriving among running streams) a step carrying a chunk may take
-/// about [`STALL_FACTOR`] times a decode-only step, so the running streams keep their pace
-/// while it is read.
+/// Sizes prompt chunks from measured step times. With nobody decoding, the waiting prompts
+/// go at once (up to [`WAVE_TOKENS`] in all, each at most the largest chunk). Otherwise a step
+/// carrying prompt tokens may take about [`STALL_FACTOR`] times a decode-only step, so the
+/// running streams keep their pace while new prompts, short or long, are read.
 #[derive(Debug, Default)]
 struct Pacer {
     /// Seconds of a step without prompt tokens (moving average).
@@ -520,11 +561,11 @@ impl Pacer {
         });
     }
 
-    /// Prompt tokens the next step may carry, at most `max`, with `decoding` sequences past
-    /// their prompts; `wave`: a wave of new requests (see above).
-    fn chunk(&self, max: usize, decoding: usize, wave: bool) -> usize {
-        if decoding == 0 || wave {
-            return max;
+    /// Prompt tokens the next step may carry in all, `max` being the largest chunk, with
+    /// `decoding` sequences past their prompts.
+    fn chunk(&self, max: usize, decoding: usize) -> usize {
+        if decoding == 0 {
+            return max.max(WAVE_TOKENS);
         }
         let floor = MIN_CHUNK.min(max);
         match (self.decode, self.per_token) {
@@ -591,16 +632,13 @@ impl Worker {
         let mut feed = vec![0usize; active.len()];
         let decoding = active.iter().filter(|s| s.fed >= s.prompt_len).count();
         let max_chunk = self.prefill_chunk.max(1);
-        let mut waiting = active.iter().filter(|s| s.fed < s.prompt_len).peekable();
-        let wave = waiting.peek().is_some()
-            && waiting.all(|s| s.prompt_len - s.cached_prompt_tokens <= max_chunk);
-        let mut prompt_budget = batch.pacer.chunk(max_chunk, decoding, wave);
+        let mut prompt_budget = batch.pacer.chunk(max_chunk, decoding);
         for (f, seq) in feed.iter_mut().zip(active.iter()) {
             let pending = seq.tokens.len() - seq.fed;
             if seq.fed >= seq.prompt_len {
                 *f = pending;
             } else if prompt_budget > 0 {
-                *f = pending.min(prompt_budget);
+                *f = pending.min(prompt_budget).min(max_chunk);
                 prompt_budget -= *f;
             }
         }
@@ -814,17 +852,16 @@ mod tests {
     #[test]
     fn the_pacer_sizes_chunks_to_keep_decode_steps_within_the_stall_factor() {
         let mut pacer = Pacer::default();
-        // Nobody decoding, or a wave of short prompts: the largest chunk. Nothing measured yet:
-        // the smallest.
-        assert_eq!(pacer.chunk(256, 0, false), 256);
-        assert_eq!(pacer.chunk(256, 4, true), 256);
-        assert_eq!(pacer.chunk(256, 4, false), MIN_CHUNK);
+        // Nobody decoding: a wave's prompts together. Nothing measured yet: the smallest.
+        assert_eq!(pacer.chunk(256, 0), WAVE_TOKENS);
+        assert_eq!(pacer.chunk(4096, 0), 4096);
+        assert_eq!(pacer.chunk(256, 4), MIN_CHUNK);
         // Decode steps of 40 ms; a prompt token adds 1 ms.
         for _ in 0..20 {
             pacer.record(0, 4, 0.040);
             pacer.record(64, 4, 0.040 + 0.064);
         }
-        let chunk = pacer.chunk(256, 4, false);
+        let chunk = pacer.chunk(256, 4);
         let expected = ((STALL_FACTOR - 1.0) * 40.0) as usize;
         assert!(chunk.abs_diff(expected) <= 1, "{chunk} vs {expected}");
         // The chunk's step stays within the stall factor of a decode step.
@@ -833,17 +870,17 @@ mod tests {
         for _ in 0..20 {
             pacer.record(64, 4, 0.040 + 0.0064);
         }
-        assert_eq!(pacer.chunk(256, 4, false), 256);
-        assert_eq!(pacer.chunk(100, 4, false), 100);
+        assert_eq!(pacer.chunk(256, 4), 256);
+        assert_eq!(pacer.chunk(100, 4), 100);
         // Prompt-only steps teach the per-token cost too.
         let mut fresh = Pacer::default();
         fresh.record(100, 0, 0.5);
         fresh.record(0, 2, 0.05);
-        assert_eq!(fresh.chunk(256, 3, false), 10);
+        assert_eq!(fresh.chunk(256, 3), 10);
         // Steps that all carry prompt tokens still teach the decode part.
         let mut busy = Pacer::default();
         busy.record(100, 0, 0.5);
         busy.record(10, 2, 0.05 + 0.05);
-        assert_eq!(busy.chunk(256, 3, false), 10);
+        assert_eq!(busy.chunk(256, 3), 10);
     }
 }
