@@ -53,8 +53,11 @@ impl Settings {
         }
     }
 
+    /// The server's `--max-concurrent`: the most streams measured, and at least the
+    /// interference run's 4 streams plus its long prompt (fewer would queue the long prompt
+    /// behind the streams and measure nothing).
     fn most(&self) -> usize {
-        self.streams.iter().copied().max().unwrap_or(1)
+        self.streams.iter().copied().max().unwrap_or(1).max(5)
     }
 }
 
