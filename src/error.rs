@@ -34,6 +34,8 @@ pub mod reason {
     pub const DRAINING: &str = "DRAINING";
     pub const INTERNAL: &str = "INTERNAL";
     pub const MODEL_NOT_FOUND: &str = "MODEL_NOT_FOUND";
+    /// The reference's GGUF selector (`:QUANT` or `/file.gguf`) names no file of the snapshot.
+    pub const GGUF_FILE_NOT_FOUND: &str = "GGUF_FILE_NOT_FOUND";
     pub const REVISION_NOT_FOUND: &str = "REVISION_NOT_FOUND";
     pub const SNAPSHOT_NOT_FOUND: &str = "SNAPSHOT_NOT_FOUND";
     pub const SNAPSHOT_UNREADABLE: &str = "SNAPSHOT_UNREADABLE";
@@ -172,6 +174,10 @@ impl From<&CacheError> for ApiError {
             CacheError::SnapshotMissing { commit, .. } => {
                 Self::new(Code::NotFound, reason::SNAPSHOT_NOT_FOUND, message)
                     .with_metadata("commit", commit)
+            }
+            CacheError::GgufNotFound { selector, .. } => {
+                Self::new(Code::NotFound, reason::GGUF_FILE_NOT_FOUND, message)
+                    .with_metadata("selector", selector)
             }
             CacheError::Io { .. } => Self::internal("reading the model cache failed", err),
         }

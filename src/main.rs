@@ -15,7 +15,7 @@ fn main() -> ExitCode {
         eprintln!("lmx: {err:#}");
         return ExitCode::from(2);
     }
-    use lmx::cli::{generate, models, pull, verify};
+    use lmx::cli::{generate, models, pull, run, verify};
     match cli.command {
         Command::Serve(args) => run_async(serve(*args)),
         Command::Verify(args) if args.client.server.is_none() => verify::run(&args),
@@ -23,6 +23,7 @@ fn main() -> ExitCode {
         Command::Pull(args) => {
             client(async move { Ok(pull::run(*args, lmx::api::convert::progress).await) })
         }
+        Command::Repair(args) => client(async move { Ok(pull::repair(*args).await) }),
         Command::Ls(args) => client(models::list(args, false)),
         Command::Ps(args) => client(models::list(args, true)),
         Command::Rm(args) => client(models::remove(args)),
@@ -30,6 +31,7 @@ fn main() -> ExitCode {
         Command::Unload(args) => client(models::unload(args)),
         Command::Generate(args) => client(generate::generate(args)),
         Command::Chat(args) => client(generate::chat(args)),
+        Command::Run(args) => client(run::run(args)),
     }
 }
 

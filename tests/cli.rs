@@ -87,6 +87,231 @@ async fn pull_shows_progress_and_exit_codes_name_the_error() {
 }
 
 #[tokio::test]
+async fn repair_fetches_what_is_broken_and_exit_codes_follow_pull() {
+    let (hub, server) = setup().await;
+    assert!(run(&server, &["pull", "tiny/llama"]).await.status.success());
+    let snapshot = server
+        .cache_dir()
+        .join("models--tiny--llama/snapshots")
+        .join(C1);
+    let blob = testing::blob_of(&snapshot, WEIGHTS);
+    let mut bytes = std::fs::read(&blob).unwrap();
+    let n = bytes.len();
+    bytes[n - 1] ^= 0xFF;
+    std::fs::write(&blob, bytes).unwrap();
+    let before = hub.bytes_sent("tiny/llama", WEIGHTS);
+
+    let out = run(&server, &["repair", "tiny/llama"]).await;
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("VERIFYING tiny/llama@main"), "{stderr}");
+    assert!(
+        stderr.contains("COMPLETED tiny/llama@main (commit 111111111111): repaired 1 file(s)"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("model.safetensors (CHECKSUM_MISMATCH)"),
+        "{stderr}"
+    );
+    assert_eq!(
+        hub.bytes_sent("tiny/llama", WEIGHTS) - before,
+        n as u64,
+        "the weights, once"
+    );
+
+    // Clean now: nothing to repair; JSON lines carry the summary.
+    let out = run(&server, &["repair", "tiny/llama@main", "--json"]).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let last: serde_json::Value =
+        serde_json::from_str(text(&out.stdout).lines().last().unwrap()).unwrap();
+    assert_eq!(last["state"], "DOWNLOAD_STATE_COMPLETED");
+    assert_eq!(last["repaired_files"], serde_json::json!([]));
+    assert!(
+        last["summary"]
+            .as_str()
+            .unwrap()
+            .starts_with("nothing to repair"),
+        "{last}"
+    );
+
+    // Unknown model: refused before anything starts.
+    let out = run(&server, &["repair", "tiny/absent"]).await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("tiny/absent"),
+        "{}",
+        text(&out.stderr)
+    );
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn run_answers_a_prompt_or_piped_text_and_ls_shows_gguf_files_and_aliases() {
+    let server = TestServer::start_with(|c| c.engine.load_on_demand = true).await;
+    let cache = server.cache_dir();
+    testing::write_hf_cache(
+        &cache,
+        "tiny/llama",
+        C1,
+        Some("main"),
+        &testing::tiny_repo("llama", 1),
+    );
+    let mut base = testing::tiny_repo("llama", 4);
+    base.remove("tokenizer_config.json");
+    testing::write_hf_cache(&cache, "tiny/base", C1, Some("main"), &base);
+    let mut quants = testing::RepoFiles::default();
+    for (name, dtype) in [
+        ("tiny-Q8_0.gguf", candle_core::quantized::GgmlDType::Q8_0),
+        ("tiny-Q4_0.gguf", candle_core::quantized::GgmlDType::Q4_0),
+    ] {
+        quants.insert(name, testing::tiny::spm_llama_gguf_with(1, dtype));
+    }
+    testing::write_hf_cache(&cache, "tiny/gguf", C1, Some("main"), &quants);
+    let sampling = ["--max-tokens", "4", "--temperature", "0"];
+
+    // One-shot: the answer on stdout, then exit 0 (the model loads on demand).
+    let mut args = vec!["run", "tiny/llama", "say", "hello"];
+    args.extend(sampling);
+    let out = run(&server, &args).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let answer = text(&out.stdout);
+    assert!(
+        answer.ends_with('\n') && !answer.trim().is_empty(),
+        "{answer:?}"
+    );
+
+    // The prompt piped on stdin, a GGUF quant by reference, --verbose stats.
+    let mut child = lmx()
+        .args(["run", "tiny/gguf@main:q8_0", "--verbose"])
+        .args(sampling)
+        .args(["--server", &server.addr.to_string()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(b"hello there\n").await.unwrap();
+    drop(stdin);
+    let out = child.wait_with_output().await.unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("generated tokens"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    // A model without a chat template (Chat refuses it) is completed from the raw prompt.
+    let mut args = vec!["run", "tiny/base", "once upon a time"];
+    args.extend(sampling);
+    let out = run(&server, &args).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let mut child = lmx()
+        .args(["chat", "tiny/base", "--server", &server.addr.to_string()])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"hi\n")
+        .await
+        .unwrap();
+    let out = child.wait_with_output().await.unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("NO_CHAT_TEMPLATE"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    // No prompt on a terminal: an interactive chat (a pseudo-terminal from util-linux `script`,
+    // where it is installed).
+    if std::path::Path::new("/usr/bin/script").exists() {
+        let command = format!(
+            "{} run tiny/llama --max-tokens 3 --temperature 0 --server {}",
+            env!("CARGO_BIN_EXE_lmx"),
+            server.addr
+        );
+        let mut child = tokio::process::Command::new("/usr/bin/script")
+            .args(["-qec", &command, "/dev/null"])
+            .env_remove("LMX_SERVER")
+            .env_remove("LMX_TOKEN")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(b"hello\n/exit\n").await.unwrap();
+        let out = child.wait_with_output().await.unwrap();
+        let all = text(&out.stdout) + &text(&out.stderr);
+        assert!(out.status.success(), "{all}");
+        assert!(all.contains("chatting with tiny/llama"), "{all}");
+        drop(stdin);
+    }
+
+    // No prompt and nothing piped; an unknown model.
+    let out = run(&server, &["run", "tiny/llama"]).await;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("no prompt"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = run(&server, &["run", "tiny/absent", "hi"]).await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("NotFound"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    // ls: one line per GGUF file with its quant and size, and the aliases.
+    let out = run(&server, &["load", "tiny/gguf:Q4_0", "--alias", "small"]).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("GGUF tiny-Q4_0.gguf [Q4_0]"),
+        "{}",
+        text(&out.stdout)
+    );
+    let table = text(&run(&server, &["ls"]).await.stdout);
+    assert!(table.starts_with("MODEL"), "{table}");
+    assert!(table.lines().next().unwrap().contains("QUANT"), "{table}");
+    let line = |id: &str| {
+        table
+            .lines()
+            .find(|l| l.starts_with(&format!("{id} ")))
+            .unwrap_or_else(|| panic!("{id} missing: {table}"))
+            .to_owned()
+    };
+    let q4 = line("tiny/gguf:Q4_0");
+    assert!(
+        q4.contains("LOADED") && q4.contains("Q4_0") && q4.contains("small"),
+        "{q4}"
+    );
+    let size =
+        indicatif::HumanBytes(quants.get("tiny-Q4_0.gguf").unwrap().len() as u64).to_string();
+    assert!(q4.contains(&size), "{q4} lacks {size}");
+    let q8 = line("tiny/gguf:Q8_0");
+    assert!(q8.contains("LOADED") && q8.contains("Q8_0"), "{q8}");
+    let json: serde_json::Value =
+        serde_json::from_slice(&run(&server, &["ls", "--json"]).await.stdout).unwrap();
+    let entry = json
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["model_id"] == "tiny/gguf:Q4_0")
+        .unwrap();
+    assert_eq!(entry["quantization"], "Q4_0");
+    assert_eq!(entry["gguf_file"], "tiny-Q4_0.gguf");
+    assert_eq!(entry["aliases"], serde_json::json!(["small"]));
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
 async fn ctrl_c_cancels_the_pull_on_the_server_or_detaches() {
     let (hub, server) = setup().await;
     hub.inject(Fault::Hold {

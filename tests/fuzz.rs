@@ -18,7 +18,10 @@ use std::{
 
 use lmx::{
     engine::{ChatMessage, ChatTemplate, EngineError, TemplateLimits},
-    manager::cache::{parse_model_ref, repo_folder_name, split_model_spec, ModelRef},
+    manager::{
+        cache::{parse_model_ref, repo_folder_name, ModelRef},
+        reference::{self, Selector},
+    },
     snapshot::check_file_bytes,
     testing,
 };
@@ -315,6 +318,9 @@ fn model_ref() -> impl Strategy<Value = (String, String)> {
         Just("..".to_owned()),
         Just(".".to_owned()),
         Just("@".to_owned()),
+        Just(":".to_owned()),
+        Just(".gguf".to_owned()),
+        Just("Q4_K_M".to_owned()),
         Just("--".to_owned()),
         Just("\\".to_owned()),
         Just("\0".to_owned()),
@@ -330,10 +336,23 @@ fn model_ref() -> impl Strategy<Value = (String, String)> {
 #[test]
 fn fuzz_model_references() {
     fuzz("model-ref", model_ref, 1 << 20, |(id, rev)| {
-        let (split_id, split_rev) = split_model_spec(id);
+        let (split_id, split_rev) = reference::split(id);
         for (id, rev) in [(id.as_str(), rev.as_str()), (&split_id, &split_rev)] {
             match parse_model_ref(id, rev) {
-                Ok(ModelRef::Hub { repo_id, revision }) => {
+                Ok(ModelRef::Hub {
+                    repo_id,
+                    revision,
+                    selector,
+                }) => {
+                    // A file selector is a safe relative path inside the snapshot.
+                    if let Some(Selector::File(file)) = &selector {
+                        assert!(
+                            Path::new(file)
+                                .components()
+                                .all(|c| matches!(c, std::path::Component::Normal(_))),
+                            "{file}"
+                        );
+                    }
                     let folder = repo_folder_name(&repo_id);
                     assert!(!folder.contains('/') && !folder.contains(".."), "{folder}");
                     let joined = Path::new("/cache")

@@ -48,6 +48,7 @@ async fn grpcurl_lists_describes_and_checks_health_through_reflection() {
         "CancelDownload",
         "VerifyModel",
         "DeleteModel",
+        "RepairModel",
     ] {
         assert!(
             describe.contains(&format!("rpc {rpc}")),

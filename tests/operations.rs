@@ -558,11 +558,11 @@ async fn models_named_with_load_are_loaded_at_start_and_turn_the_pod_ready() {
         .models;
     assert_eq!(models[0].model_id, path);
     assert_eq!(
-        lmx::manager::cache::split_model_spec("org/m@v1"),
+        lmx::manager::reference::split("org/m@v1"),
         ("org/m".to_owned(), "v1".to_owned())
     );
     assert_eq!(
-        lmx::manager::cache::split_model_spec("/data/m@x"),
+        lmx::manager::reference::split("/data/m@x"),
         ("/data/m@x".to_owned(), String::new())
     );
     server.stop().await.unwrap();

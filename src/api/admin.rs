@@ -162,6 +162,7 @@ fn verify_mode(mode: i32) -> Result<Mode, ApiError> {
 impl pb::model_admin_server::ModelAdmin for AdminApi {
     type DownloadModelStream = ResponseStream<pb::DownloadModelResponse>;
     type WatchDownloadStream = ResponseStream<pb::WatchDownloadResponse>;
+    type RepairModelStream = ResponseStream<pb::RepairModelResponse>;
 
     async fn download_model(
         &self,
@@ -169,6 +170,8 @@ impl pb::model_admin_server::ModelAdmin for AdminApi {
     ) -> Result<Response<Self::DownloadModelStream>, Status> {
         let mut r = request.into_inner();
         (r.model_id, r.revision) = self.resolve(&r.model_id, &r.revision)?;
+        let reference =
+            crate::manager::reference::Reference::parse(&r.model_id).map_err(ApiError::from)?;
         let auto_load = if r.auto_load {
             Some(load_spec(r.load_options)?)
         } else {
@@ -178,11 +181,13 @@ impl pb::model_admin_server::ModelAdmin for AdminApi {
             .manager
             .downloads()
             .start(DownloadRequest {
-                repo_id: r.model_id,
+                repo_id: reference.repo,
                 revision: r.revision,
                 allow_patterns: r.allow_patterns,
                 ignore_patterns: r.ignore_patterns,
                 auto_load,
+                repair: false,
+                gguf: reference.selector,
             })
             .map_err(ApiError::from)?;
         Ok(Response::new(progress_stream(rx, |progress| {
@@ -274,9 +279,31 @@ impl pb::model_admin_server::ModelAdmin for AdminApi {
             let snapshots = self.manager.snapshots().await.map_err(ApiError::from)?;
             for snapshot in &snapshots {
                 let path = snapshot.path.display().to_string();
-                if let Some(loaded) = models.iter_mut().find(|m| m.path == path) {
-                    loaded.size_on_disk_bytes = snapshot.size_on_disk;
-                    loaded.refs = snapshot.refs.clone();
+                let loaded_here: Vec<usize> = (0..models.len())
+                    .filter(|&i| models[i].path == path)
+                    .collect();
+                for &i in &loaded_here {
+                    models[i].size_on_disk_bytes = snapshot.size_on_disk;
+                    models[i].refs = snapshot.refs.clone();
+                }
+                // A file of a GGUF snapshot that is loaded is listed once, loaded; its siblings
+                // are listed as on disk.
+                let entries = convert::snapshot_entries(snapshot, false);
+                let multi_gguf = entries.len() > 1;
+                if !loaded_here.is_empty() && !multi_gguf {
+                    continue;
+                }
+                if multi_gguf {
+                    let downloading = self.manager.downloads().is_downloading(&snapshot.repo_id)
+                        && snapshot.report.as_ref().is_ok_and(|r| !r.complete);
+                    for entry in convert::snapshot_entries(snapshot, downloading) {
+                        let loaded = loaded_here
+                            .iter()
+                            .any(|&i| models[i].gguf_file == entry.gguf_file);
+                        if !loaded {
+                            models.push(entry);
+                        }
+                    }
                     continue;
                 }
                 // A snapshot whose last load failed is listed once, FAILED, with the error.
@@ -298,7 +325,7 @@ impl pb::model_admin_server::ModelAdmin for AdminApi {
                 }
                 let downloading = self.manager.downloads().is_downloading(&snapshot.repo_id)
                     && snapshot.report.as_ref().is_ok_and(|r| !r.complete);
-                models.push(convert::snapshot_model(snapshot, downloading));
+                models.extend(convert::snapshot_entries(snapshot, downloading));
             }
         }
         let aliases = self.manager.aliases();
@@ -379,6 +406,7 @@ impl pb::model_admin_server::ModelAdmin for AdminApi {
         let mut model = convert::model_status(&status);
         model.aliases = aliases.names_for(&model.model_id, &[&model.revision]);
         Ok(Response::new(pb::LoadModelResponse {
+            gguf_file: model.gguf_file.clone(),
             model: Some(model),
             already_loaded: loaded.already_loaded,
             load_time: Some(convert::duration(load_time)),
@@ -416,5 +444,42 @@ impl pb::model_admin_server::ModelAdmin for AdminApi {
             deleted_commits: deleted.commits,
             freed_bytes: deleted.freed_bytes,
         }))
+    }
+
+    async fn repair_model(
+        &self,
+        request: Request<pb::RepairModelRequest>,
+    ) -> Result<Response<Self::RepairModelStream>, Status> {
+        let r = request.into_inner();
+        if r.model_id.starts_with('/') {
+            return Err(ApiError::invalid_argument(
+                "model_id",
+                format!(
+                    "`model_id` must name a repository in the cache (repair fetches from the hub); \
+                     a folder path cannot be repaired. Given: {:?}",
+                    r.model_id
+                ),
+            )
+            .into());
+        }
+        let (model_id, revision) = self.resolve(&r.model_id, &r.revision)?;
+        // A repair works on the whole snapshot: a GGUF selector names it too.
+        let reference =
+            crate::manager::reference::Reference::parse(&model_id).map_err(ApiError::from)?;
+        let rx = self
+            .manager
+            .downloads()
+            .start(DownloadRequest {
+                repo_id: reference.repo,
+                revision,
+                repair: true,
+                ..Default::default()
+            })
+            .map_err(ApiError::from)?;
+        Ok(Response::new(progress_stream(rx, |progress| {
+            pb::RepairModelResponse {
+                progress: Some(progress),
+            }
+        })))
     }
 }

@@ -95,6 +95,12 @@ pub fn model_status(status: &crate::manager::models::ModelStatus) -> pb::ModelIn
         ModelStatus::Loaded(model) => {
             let d = model.engine.description();
             let stats = model.engine.stats();
+            // The GGUF choice only applies when the engine loaded GGUF weights.
+            let gguf = model
+                .snapshot
+                .gguf
+                .as_ref()
+                .filter(|_| d.format == crate::snapshot::WeightFormat::Gguf);
             pb::ModelInfo {
                 model_id: model.key.model_id.clone(),
                 revision: model.key.revision.clone(),
@@ -119,6 +125,11 @@ pub fn model_status(status: &crate::manager::models::ModelStatus) -> pb::ModelIn
                 kv_cache_bytes: d.kv_cache_bytes,
                 kv_cache_used_bytes: stats.kv_cache_used_bytes,
                 aliases: Vec::new(),
+                gguf_file: gguf.map(|f| f.path.clone()).unwrap_or_default(),
+                quantization: gguf
+                    .and_then(|f| f.quantization.clone())
+                    .unwrap_or_default(),
+                gguf_file_bytes: gguf.map_or(0, |f| f.size),
             }
         }
     }
@@ -225,6 +236,9 @@ pub fn progress(p: &Progress) -> pb::DownloadProgress {
         finished_at: p.finished_at.map(timestamp),
         allow_patterns: p.allow_patterns.clone(),
         ignore_patterns: p.ignore_patterns.clone(),
+        repair: p.repair,
+        repaired_files: p.repaired_files.clone(),
+        summary: p.summary.clone(),
     }
 }
 
@@ -271,4 +285,45 @@ pub fn snapshot_model(s: &SnapshotInfo, downloading: bool) -> pb::ModelInfo {
         state_message: message,
         ..Default::default()
     }
+}
+
+/// A snapshot on disk as catalog entries: one per GGUF file when it has several (each
+/// model_id selecting its file: `org/name:QUANT` when the quantization tells the files apart,
+/// else `org/name/file.gguf`), else one.
+pub fn snapshot_entries(s: &SnapshotInfo, downloading: bool) -> Vec<pb::ModelInfo> {
+    let base = snapshot_model(s, downloading);
+    let gguf_weights = s
+        .report
+        .as_ref()
+        .is_ok_and(|r| r.format == Some(crate::snapshot::WeightFormat::Gguf));
+    if !gguf_weights || s.gguf_files.is_empty() {
+        return vec![base];
+    }
+    let with = |f: &crate::snapshot::GgufFile, model_id: String| pb::ModelInfo {
+        model_id,
+        gguf_file: f.path.clone(),
+        quantization: f.quantization.clone().unwrap_or_default(),
+        gguf_file_bytes: f.size,
+        ..base.clone()
+    };
+    if let [only] = s.gguf_files.as_slice() {
+        return vec![with(only, s.repo_id.clone())];
+    }
+    s.gguf_files
+        .iter()
+        .map(|f| {
+            let unique = f.quantization.as_ref().filter(|q| {
+                s.gguf_files
+                    .iter()
+                    .filter(|g| g.quantization.as_ref() == Some(*q))
+                    .count()
+                    == 1
+            });
+            let model_id = match unique {
+                Some(q) => format!("{}:{q}", s.repo_id),
+                None => format!("{}/{}", s.repo_id, f.path),
+            };
+            with(f, model_id)
+        })
+        .collect()
 }

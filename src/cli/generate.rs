@@ -36,7 +36,7 @@ pub struct SamplingArgs {
 }
 
 impl SamplingArgs {
-    fn parameters(&self) -> pb::GenerationParameters {
+    pub(super) fn parameters(&self) -> pb::GenerationParameters {
         pb::GenerationParameters {
             max_tokens: self.max_tokens,
             temperature: self.temperature,

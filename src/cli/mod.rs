@@ -6,6 +6,7 @@ pub mod client;
 pub mod generate;
 pub mod models;
 pub mod pull;
+pub mod run;
 pub mod verify;
 
 use clap::{Parser, Subcommand};
@@ -38,6 +39,9 @@ pub enum Command {
     Verify(verify::VerifyArgs),
     /// Download a model with a progress display (exit 0, or 10 + the DownloadErrorCode).
     Pull(Box<pull::PullArgs>),
+    /// Repair a model's snapshot on the server: re-fetch only the files that fail a FULL check
+    /// (exit codes as for pull).
+    Repair(Box<pull::RepairArgs>),
     /// List the models on disk and loaded.
     Ls(models::ListArgs),
     /// List the loaded models.
@@ -52,6 +56,9 @@ pub enum Command {
     Generate(generate::GenerateArgs),
     /// Chat with a model interactively.
     Chat(generate::ChatArgs),
+    /// Answer one prompt (given after the model, or piped on stdin) and exit, or chat
+    /// interactively when there is none (loads the model on demand).
+    Run(run::RunArgs),
 }
 
 #[cfg(test)]

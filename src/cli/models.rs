@@ -36,7 +36,8 @@ pub struct ModelArgs {
 /// Flags of `lmx load`.
 #[derive(Debug, Clone, Args)]
 pub struct LoadArgs {
-    /// Repository id in the server's cache, or an absolute folder path on the server.
+    /// A model reference in the server's cache (org/name, org/name@rev, org/name:Q4_K_M,
+    /// org/name/file.gguf), an alias, or an absolute folder path on the server.
     pub model: String,
 
     #[arg(long, default_value = "")]
@@ -53,6 +54,10 @@ pub struct LoadArgs {
     /// Unload after this much idle time (e.g. 10m; 0s: never).
     #[arg(long, value_parser = humantime::parse_duration)]
     pub keep_alive: Option<std::time::Duration>,
+
+    /// Name the model by this alias from now on (LoadModel.alias).
+    #[arg(long, default_value = "")]
+    pub alias: String,
 
     #[command(flatten)]
     pub client: ClientArgs,
@@ -85,7 +90,19 @@ fn model_json(m: &pb::ModelInfo) -> serde_json::Value {
         "context_length": m.context_length,
         "device": m.device,
         "state_message": m.state_message,
+        "aliases": m.aliases,
+        "gguf_file": m.gguf_file,
+        "quantization": m.quantization,
+        "gguf_file_bytes": m.gguf_file_bytes,
     })
+}
+
+fn dash(s: &str) -> String {
+    if s.is_empty() {
+        "-".to_owned()
+    } else {
+        s.to_owned()
+    }
 }
 
 fn table(rows: Vec<Vec<String>>) -> String {
@@ -146,7 +163,7 @@ pub async fn list(args: ListArgs, loaded_only: bool) -> anyhow::Result<ExitCode>
         .to_vec()
     } else {
         [
-            "MODEL", "REVISION", "STATE", "FORMAT", "ARCH", "SIZE", "COMMIT",
+            "MODEL", "REVISION", "STATE", "FORMAT", "QUANT", "ARCH", "SIZE", "ALIASES", "COMMIT",
         ]
         .map(String::from)
         .to_vec()
@@ -171,8 +188,15 @@ pub async fn list(args: ListArgs, loaded_only: bool) -> anyhow::Result<ExitCode>
                     .as_str_name()
                     .trim_start_matches("WEIGHT_FORMAT_")
                     .to_owned(),
+                dash(&m.quantization),
                 m.architecture.clone(),
-                human(m.size_on_disk_bytes),
+                // A GGUF file's own size; other formats: the snapshot's.
+                human(if m.gguf_file.is_empty() {
+                    m.size_on_disk_bytes
+                } else {
+                    m.gguf_file_bytes
+                }),
+                dash(&m.aliases.join(",")),
                 m.commit_sha.chars().take(12).collect(),
             ]
         });
@@ -223,7 +247,7 @@ pub async fn load(args: LoadArgs) -> anyhow::Result<ExitCode> {
         model_id: args.model.clone(),
         revision: args.revision,
         options: Some(options),
-        alias: String::new(),
+        alias: args.alias,
     });
     match client.admin().load_model(request).await {
         Ok(r) => {
@@ -236,13 +260,21 @@ pub async fn load(args: LoadArgs) -> anyhow::Result<ExitCode> {
                     .load_time
                     .map(|d| d.seconds as f64 + d.nanos as f64 / 1e9)
                     .unwrap_or(0.0);
+                let mut format = m
+                    .format()
+                    .as_str_name()
+                    .trim_start_matches("WEIGHT_FORMAT_")
+                    .to_owned();
+                if !m.gguf_file.is_empty() {
+                    format.push_str(&format!(" {}", m.gguf_file));
+                    if !m.quantization.is_empty() {
+                        format.push_str(&format!(" [{}]", m.quantization));
+                    }
+                }
                 println!(
-                    "loaded {} ({}, {}, {} in memory) in {took:.2}s",
+                    "loaded {} ({}, {format}, {} in memory) in {took:.2}s",
                     args.model,
                     m.architecture,
-                    m.format()
-                        .as_str_name()
-                        .trim_start_matches("WEIGHT_FORMAT_"),
                     indicatif::HumanBytes(m.memory_bytes)
                 );
             }

@@ -26,11 +26,13 @@ use crate::{
 /// Flags of `lmx pull`.
 #[derive(Debug, Clone, Args)]
 pub struct PullArgs {
-    /// Repository id, e.g. HuggingFaceTB/SmolLM2-135M-Instruct.
+    /// Model reference: a repository id (HuggingFaceTB/SmolLM2-135M-Instruct), optionally with
+    /// @REVISION and, for GGUF repositories, :QUANT or /FILE.gguf (only that file and the
+    /// metadata files are fetched).
     pub repo: String,
 
-    /// Branch, tag or commit.
-    #[arg(long, default_value = "main")]
+    /// Branch, tag or commit (default: main, or the reference's @REVISION).
+    #[arg(long, default_value = "")]
     pub revision: String,
 
     /// Only files matching this glob (repeatable; huggingface_hub semantics).
@@ -102,7 +104,7 @@ async fn pull(args: PullArgs, to_wire: ToWire) -> anyhow::Result<ExitCode> {
     };
     // Ctrl-C is caught from here on (before the server starts the download), not from the
     // first poll of the loop below: a SIGINT in between would kill the process outright.
-    let mut interrupt = Interrupt::new()?;
+    let interrupt = Interrupt::new()?;
     let (updates, canceller): (Updates, Option<Canceller>) = if args.local {
         (local_updates(&args, &request, to_wire)?, None)
     } else {
@@ -121,7 +123,18 @@ async fn pull(args: PullArgs, to_wire: ToWire) -> anyhow::Result<ExitCode> {
             }),
         )
     };
-    let mut display = Display::new(args.json);
+    follow(updates, canceller, interrupt, args.json).await
+}
+
+/// Shows `updates` until the final one (Ctrl-C: the canceller's choice); the exit code. Shared
+/// by `lmx pull` and `lmx repair`.
+async fn follow(
+    updates: Updates,
+    canceller: Option<Canceller>,
+    mut interrupt: Interrupt,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let mut display = Display::new(json);
     let mut updates = updates;
     let mut last: Option<pb::DownloadProgress> = None;
     let mut cancel_sent = false;
@@ -172,6 +185,56 @@ async fn pull(args: PullArgs, to_wire: ToWire) -> anyhow::Result<ExitCode> {
     Ok(exit_code(&last))
 }
 
+/// Flags of `lmx repair`.
+#[derive(Debug, Clone, Args)]
+pub struct RepairArgs {
+    /// Repository id in the server's cache (or an alias), e.g. HuggingFaceTB/SmolLM2-135M.
+    pub model: String,
+
+    /// Branch, tag or commit.
+    #[arg(long, default_value = "")]
+    pub revision: String,
+
+    /// On Ctrl-C, leave the repair running on the server instead of cancelling it.
+    #[arg(long)]
+    pub detach: bool,
+
+    /// Print each progress update as one JSON line instead of progress bars.
+    #[arg(long)]
+    pub json: bool,
+
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+/// `lmx repair`: RepairModel with the pull display; the same exit codes.
+pub async fn repair(args: RepairArgs) -> ExitCode {
+    let result = async {
+        let (model_id, revision) = (args.model.clone(), args.revision.clone());
+        let interrupt = Interrupt::new()?;
+        let client = args.client.connect().await?;
+        let stream = client
+            .admin()
+            .repair_model(client.request(pb::RepairModelRequest { model_id, revision }))
+            .await
+            .map_err(|s| anyhow::anyhow!("{}", describe(&s)))?
+            .into_inner();
+        let updates: Updates = Box::pin(stream.map(|r| r.map(|m| m.progress.unwrap_or_default())));
+        let canceller = Canceller {
+            client,
+            detach: args.detach,
+        };
+        follow(updates, Some(canceller), interrupt, args.json).await
+    };
+    match result.await {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("lmx repair: {err:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
 /// Nothing more will change: a terminal state with the auto-load settled.
 fn is_final(p: &pb::DownloadProgress) -> bool {
     is_terminal(p.state())
@@ -218,13 +281,18 @@ fn local_updates(
     let registry = Registry::new(cache, EngineSettings::default(), ready);
     let downloads =
         Downloads::new(hub.cache_dir, settings, registry).map_err(|e| anyhow::anyhow!(e))?;
+    let (model_id, revision) =
+        crate::manager::reference::normalize(&request.model_id, &request.revision)?;
+    let reference = crate::manager::reference::Reference::parse(&model_id)?;
     let rx = downloads
         .start(DownloadRequest {
-            repo_id: request.model_id.clone(),
-            revision: request.revision.clone(),
+            repo_id: reference.repo,
+            revision,
             allow_patterns: request.allow_patterns.clone(),
             ignore_patterns: request.ignore_patterns.clone(),
             auto_load: None,
+            repair: false,
+            gguf: reference.selector,
         })
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let latest = tokio_stream::wrappers::WatchStream::new(rx.latest);
@@ -361,7 +429,9 @@ impl Display {
                 &p.commit_sha[..p.commit_sha.len().min(12)]
             ));
         }
-        if p.state() == pb::DownloadState::Completed {
+        if p.repair && !p.summary.is_empty() {
+            line.push_str(&format!(": {}", p.summary));
+        } else if p.state() == pb::DownloadState::Completed {
             line.push_str(&format!(
                 ": {} files, {}",
                 p.files_total,
@@ -410,6 +480,9 @@ fn progress_json(p: &pb::DownloadProgress) -> serde_json::Value {
         "resumed_bytes": p.resumed_bytes,
         "auto_load_state": p.auto_load_state().as_str_name(),
         "auto_load_message": p.auto_load_message,
+        "repair": p.repair,
+        "repaired_files": p.repaired_files,
+        "summary": p.summary,
     })
 }
 

@@ -361,6 +361,7 @@ impl EngineArgs {
                 prefill_chunk: self.prefill_chunk as usize,
                 kv_budget: None,
                 prefix_cache: self.prefix_cache,
+                gguf_file: None,
                 limits: Limits {
                     max_tokens_cap: self.max_tokens as usize,
                     default_max_tokens: self.default_max_tokens as usize,

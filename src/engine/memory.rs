@@ -138,6 +138,16 @@ pub fn estimate_memory(
     dtype: Option<DType>,
     device: &str,
 ) -> Result<MemoryEstimate, EngineError> {
+    estimate_memory_of(dir, dtype, device, None)
+}
+
+/// [`estimate_memory`] of the GGUF file `gguf_file` (relative to `dir`) when the model is GGUF.
+pub fn estimate_memory_of(
+    dir: &Path,
+    dtype: Option<DType>,
+    device: &str,
+    gguf_file: Option<&str>,
+) -> Result<MemoryEstimate, EngineError> {
     let cpu = device == "cpu";
     let files = safetensors_files(dir)?;
     let pytorch = if files.is_empty() {
@@ -155,7 +165,7 @@ pub fn estimate_memory(
         });
     }
     if files.is_empty() {
-        let Some(path) = find_gguf(dir) else {
+        let Some(path) = find_gguf(dir, gguf_file) else {
             return Err(EngineError::Load(
                 "no safetensors, PyTorch or GGUF weights in the snapshot".into(),
             ));

@@ -36,7 +36,7 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 pub use chat::{ChatMessage, ChatTemplate, TemplateLimits};
 pub use device::validate_device;
 pub use embed::Embeddings;
-pub use memory::{estimate_memory, MemoryEstimate};
+pub use memory::{estimate_memory, estimate_memory_of, MemoryEstimate};
 pub use sampling::SamplingParams;
 pub use text::{StopMatcher, StopOutcome, TextStream};
 pub use validation::{Limits, RawParams, ValidParams};
@@ -109,6 +109,8 @@ pub struct LoadOptions {
     /// Keep finished sequences' KV caches to reuse for prompts that start the same way.
     pub prefix_cache: bool,
     pub limits: Limits,
+    /// Which GGUF file of the folder to load (a path relative to it); None: the first by name.
+    pub gguf_file: Option<String>,
 }
 
 impl Default for LoadOptions {
@@ -122,6 +124,7 @@ impl Default for LoadOptions {
             kv_budget: None,
             prefix_cache: true,
             limits: Limits::default(),
+            gguf_file: None,
         }
     }
 }
@@ -346,7 +349,11 @@ fn pytorch_files(dir: &Path) -> Result<Vec<PathBuf>, EngineError> {
     Ok(files)
 }
 
-fn gguf_file(dir: &Path) -> Option<PathBuf> {
+/// The GGUF file to load from `dir`: `chosen` (relative to it) when given, else the first by name.
+fn gguf_file(dir: &Path, chosen: Option<&str>) -> Option<PathBuf> {
+    if let Some(chosen) = chosen {
+        return Some(dir.join(chosen));
+    }
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .ok()?
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -396,7 +403,9 @@ pub fn load(
             has_chat_template: info.chat_template.is_some(),
         };
         (generator(lm.model, &info), description, info)
-    } else if let Some(path) = gguf_file(dir).filter(|_| no_safetensors) {
+    } else if let Some(path) =
+        gguf_file(dir, options.gguf_file.as_deref()).filter(|_| no_safetensors)
+    {
         let mut file = std::fs::File::open(&path)
             .map_err(|e| EngineError::Load(format!("opening {}: {e}", path.display())))?;
         let content = gguf_file::Content::read(&mut file)

@@ -42,8 +42,8 @@ pub fn validate_name(name: &str) -> Result<(), ManagerError> {
     }
 }
 
-/// Splits `NAME=REFERENCE` (`REFERENCE` as `--load` takes it: `org/name[@revision]` or a
-/// folder path).
+/// Splits `NAME=REFERENCE` (`REFERENCE` in the grammar of [`super::reference`]: `org/name`,
+/// `org/name@revision`, `org/name:Q4_K_M`, ... or a folder path).
 pub fn parse_flag(flag: &str) -> Result<(String, Target), String> {
     let (name, reference) = flag
         .split_once('=')
@@ -52,7 +52,8 @@ pub fn parse_flag(flag: &str) -> Result<(String, Target), String> {
     if reference.is_empty() {
         return Err(format!("--alias {flag:?}: the reference is empty"));
     }
-    let (model_id, revision) = super::cache::split_model_spec(reference);
+    let (model_id, revision) =
+        super::reference::normalize(reference, "").map_err(|e| format!("--alias {flag:?}: {e}"))?;
     Ok((name.to_owned(), target(&model_id, &revision)))
 }
 
@@ -91,7 +92,7 @@ impl Aliases {
         revision: &str,
     ) -> Result<(String, String), ManagerError> {
         match self.read().get(model_id) {
-            None => Ok((model_id.to_owned(), revision.to_owned())),
+            None => Ok(super::reference::normalize(model_id, revision)?),
             Some(_) if !revision.is_empty() => Err(ManagerError::InvalidArgument {
                 field: "revision",
                 message: format!(

@@ -18,6 +18,9 @@ use std::{
     sync::Arc,
 };
 
+use super::reference::{self, Reference, Selector};
+use crate::snapshot::{gguf, GgufFile};
+
 /// Default revision when a request leaves it empty.
 pub const DEFAULT_REVISION: &str = "main";
 /// Longest repo id part huggingface_hub accepts.
@@ -32,8 +35,12 @@ const MAX_PATH_LEN: usize = 4096;
 pub enum ModelRef {
     /// A folder on the server (an absolute path: model_id starting with '/').
     Local(PathBuf),
-    /// A repository in the cache.
-    Hub { repo_id: String, revision: String },
+    /// A repository in the cache, and which of its GGUF files when it names one.
+    Hub {
+        repo_id: String,
+        revision: String,
+        selector: Option<Selector>,
+    },
 }
 
 /// Why a model could not be found or named.
@@ -67,6 +74,13 @@ pub enum CacheError {
         path: PathBuf,
         cache: PathBuf,
         roots: Vec<PathBuf>,
+    },
+    #[error("model {model_id:?} at revision {revision:?} has no GGUF file {selector:?} (its GGUF files: {})", known_list(.available))]
+    GgufNotFound {
+        model_id: String,
+        revision: String,
+        selector: String,
+        available: Vec<String>,
     },
     #[error("reading the cache at {}: {source}", path.display())]
     Io { path: PathBuf, source: io::Error },
@@ -209,28 +223,19 @@ pub fn parse_model_ref(model_id: &str, revision: &str) -> Result<ModelRef, Cache
              otherwise give a repository id like \"org/name\"",
         ));
     }
-    validate_repo_id(model_id)?;
+    let (canonical, revision) = reference::normalize(model_id, revision)?;
+    let parsed = Reference::parse(&canonical)?;
     let revision = if revision.is_empty() {
-        DEFAULT_REVISION
+        DEFAULT_REVISION.to_owned()
     } else {
         revision
     };
-    validate_revision(revision)?;
+    validate_revision(&revision)?;
     Ok(ModelRef::Hub {
-        repo_id: model_id.to_owned(),
-        revision: revision.to_owned(),
+        repo_id: parsed.repo,
+        revision,
+        selector: parsed.selector,
     })
-}
-
-/// "org/name@rev" → ("org/name", "rev"); paths and plain ids keep an empty revision. The
-/// grammar of `--load` and of the CLI's model arguments.
-pub fn split_model_spec(spec: &str) -> (String, String) {
-    match spec.rsplit_once('@') {
-        Some((id, rev)) if !spec.starts_with('/') && !rev.is_empty() && !id.is_empty() => {
-            (id.to_owned(), rev.to_owned())
-        }
-        _ => (spec.to_owned(), String::new()),
-    }
 }
 
 /// "org/name" → "models--org--name".
@@ -254,6 +259,9 @@ pub struct ResolvedSnapshot {
     pub commit: String,
     /// The snapshot folder.
     pub path: PathBuf,
+    /// The GGUF file to load, for a snapshot with GGUF files: the one the reference selects, or
+    /// by the default rule ([`gguf::default_file`]).
+    pub gguf: Option<GgufFile>,
 }
 
 /// Which folders a model may be named by absolute path from.
@@ -435,9 +443,26 @@ impl Cache {
                     revision: String::new(),
                     commit: String::new(),
                     path: real,
+                    gguf: None,
                 })
             }
-            ModelRef::Hub { repo_id, revision } => self.resolve_hub(repo_id, revision),
+            ModelRef::Hub {
+                repo_id,
+                revision,
+                selector,
+            } => {
+                let mut snapshot = self.resolve_hub(repo_id, revision)?;
+                snapshot.gguf = choose_gguf(&snapshot, selector.as_ref())?;
+                if selector.is_some() {
+                    snapshot.model_id = Reference {
+                        repo: repo_id.clone(),
+                        revision: None,
+                        selector: selector.clone(),
+                    }
+                    .model_id();
+                }
+                Ok(snapshot)
+            }
         }
     }
 
@@ -495,7 +520,38 @@ impl Cache {
             revision: revision.to_owned(),
             commit,
             path,
+            gguf: None,
         })
+    }
+}
+
+/// The GGUF file a reference gets in `snapshot`: the one its selector names (NOT_FOUND when
+/// there is none), else the default choice; None when the snapshot has no GGUF file and no
+/// selector was given.
+fn choose_gguf(
+    snapshot: &ResolvedSnapshot,
+    selector: Option<&Selector>,
+) -> Result<Option<GgufFile>, CacheError> {
+    let files = gguf::gguf_files(&snapshot.path);
+    let found = match selector {
+        None => return Ok(gguf::default_file(&files).cloned()),
+        Some(Selector::Quant(q)) => gguf::file_with_quantization(&files, q),
+        Some(Selector::File(path)) => files.iter().find(|f| &f.path == path),
+    };
+    match found {
+        Some(f) => Ok(Some(f.clone())),
+        None => Err(CacheError::GgufNotFound {
+            model_id: snapshot.model_id.clone(),
+            revision: snapshot.revision.clone(),
+            selector: selector.map(ToString::to_string).unwrap_or_default(),
+            available: files
+                .iter()
+                .map(|f| match &f.quantization {
+                    Some(q) => format!("{} ({q})", f.path),
+                    None => f.path.clone(),
+                })
+                .collect(),
+        }),
     }
 }
 
@@ -584,14 +640,6 @@ mod tests {
         }
         let long = format!("/{}", "a".repeat(5000));
         assert!(parse_model_ref(&long, "").is_err());
-        assert_eq!(
-            split_model_spec("org/m@v1"),
-            ("org/m".to_owned(), "v1".to_owned())
-        );
-        assert_eq!(
-            split_model_spec("/data/m@x"),
-            ("/data/m@x".to_owned(), String::new())
-        );
     }
 
     #[test]
@@ -651,7 +699,8 @@ mod tests {
             parse_model_ref("org/m", "").unwrap(),
             ModelRef::Hub {
                 repo_id: "org/m".into(),
-                revision: "main".into()
+                revision: "main".into(),
+                selector: None,
             }
         );
         assert!(parse_model_ref("org/m", "../x").is_err());

@@ -26,6 +26,8 @@ pub struct SnapshotInfo {
     pub size_on_disk: u64,
     /// The QUICK check, or why it could not run.
     pub report: Result<Report, String>,
+    /// Its GGUF files with their quantization, sorted by path.
+    pub gguf_files: Vec<snapshot::GgufFile>,
 }
 
 /// "models--org--name" → "org/name".
@@ -86,6 +88,7 @@ pub fn scan(cache: &Cache) -> Vec<SnapshotInfo> {
                     .collect(),
                 size_on_disk: size_of(&files),
                 report: snapshot::verify(&path, snapshot::Mode::Quick).map_err(|e| e.to_string()),
+                gguf_files: snapshot::gguf::gguf_files(&path),
                 commit,
                 path,
             });

@@ -6,6 +6,7 @@ pub mod cache;
 pub mod catalog;
 pub mod download;
 pub mod models;
+pub mod reference;
 
 pub use cache::{Cache, CacheError, ModelRef, ResolvedSnapshot};
 pub use models::{EngineSettings, LoadSpec, ModelKey, Registry};
@@ -137,6 +138,15 @@ impl Manager {
         repo_id: &str,
         revision: &str,
     ) -> Result<catalog::Deleted, ManagerError> {
+        if reference::Reference::parse(repo_id).is_ok_and(|r| r.selector.is_some()) {
+            return Err(ManagerError::InvalidArgument {
+                field: "model_id",
+                message: format!(
+                    "`model_id` {repo_id:?} selects a GGUF file; DeleteModel deletes whole \
+                     snapshots: give the repository id alone"
+                ),
+            });
+        }
         cache::validate_repo_id(repo_id)?;
         if !revision.is_empty() {
             cache::validate_revision(revision)?;

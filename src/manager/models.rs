@@ -93,6 +93,14 @@ impl ModelKey {
     }
 }
 
+impl ModelKey {
+    /// Whether this key names `repo_id` (with or without a GGUF selector).
+    fn is_of_repo(&self, repo_id: &str) -> bool {
+        self.model_id == repo_id
+            || super::reference::Reference::parse(&self.model_id).is_ok_and(|r| r.repo == repo_id)
+    }
+}
+
 impl std::fmt::Display for ModelKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         if self.revision.is_empty() {
@@ -259,7 +267,7 @@ impl Registry {
 
     /// Forgets the failed loads of `repo_id` (all revisions): its snapshots were deleted.
     pub fn forget_failures(&self, repo_id: &str) {
-        self.failed().retain(|k, _| k.model_id != repo_id);
+        self.failed().retain(|k, _| !k.is_of_repo(repo_id));
     }
 
     fn publish_readiness(&self, slots: &HashMap<ModelKey, Slot>) {
@@ -366,7 +374,9 @@ impl Registry {
                 for warning in &report.problems {
                     tracing::warn!(file = %warning.file, kind = %warning.kind, detail = %warning.detail, "snapshot warning");
                 }
-                let estimate = engine::estimate_memory(&snapshot.path, dtype, &estimate_device)?;
+                let gguf = snapshot.gguf.as_ref().map(|f| f.path.as_str());
+                let estimate =
+                    engine::estimate_memory_of(&snapshot.path, dtype, &estimate_device, gguf)?;
                 Ok((snapshot, estimate))
             })
             .await??;
@@ -383,6 +393,7 @@ impl Registry {
         options.dtype = dtype;
         options.device = device;
         options.kv_budget = Some(kv_bytes);
+        options.gguf_file = snapshot.gguf.as_ref().map(|f| f.path.clone());
         let path = snapshot.path.clone();
         let engine =
             tokio::task::spawn_blocking(move || engine::load(&path, &options, Box::new(lease)))
@@ -567,7 +578,7 @@ impl Registry {
 
     /// Whether any revision of `repo_id` is loaded or loading.
     pub fn has_repo(&self, repo_id: &str) -> bool {
-        self.slots().keys().any(|k| k.model_id == repo_id)
+        self.slots().keys().any(|k| k.is_of_repo(repo_id))
     }
 
     /// Every model loading or loaded, ordered by key.

@@ -12,7 +12,7 @@ use std::{
 use super::Tokens;
 use crate::{
     config::{process_env, SecurityArgs, ServeArgs, DEFAULT_HUB_ENDPOINT},
-    manager::{cache::split_model_spec, download::DownloadSettings, EngineSettings},
+    manager::{download::DownloadSettings, reference, EngineSettings},
     secret::Secret,
 };
 
@@ -75,7 +75,7 @@ impl Config {
             tokens,
             tls,
             metrics_listen: args.metrics_listen,
-            preload: args.load.iter().map(|s| split_model_spec(s)).collect(),
+            preload: args.load.iter().map(|s| reference::split(s)).collect(),
             aliases: args
                 .aliases
                 .iter()

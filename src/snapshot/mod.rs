@@ -8,6 +8,7 @@
 //!
 //! This module knows nothing of the network, the engine or gRPC.
 
+pub mod gguf;
 mod hashing;
 mod index;
 pub mod partial;
@@ -22,6 +23,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
+pub use gguf::GgufFile;
 pub use hashing::{git_sha1_hex, sha256_hex, BlobHasher, ExpectedHash};
 pub use report::{Mode, Problem, ProblemKind, Report, Severity, WeightFormat};
 

@@ -16,6 +16,7 @@
 mod hub;
 mod patterns;
 mod progress;
+mod repair;
 mod task;
 mod transfer;
 
@@ -95,6 +96,11 @@ pub struct DownloadRequest {
     pub allow_patterns: Vec<String>,
     pub ignore_patterns: Vec<String>,
     pub auto_load: Option<LoadSpec>,
+    /// A RepairModel request: re-fetch only the files of the cached snapshot that fail the FULL
+    /// check (the patterns are not used).
+    pub repair: bool,
+    /// The reference's GGUF selector: only that GGUF file and the non-weight files.
+    pub gguf: Option<super::reference::Selector>,
 }
 
 /// One writer per blob at a time, across tasks.
@@ -126,6 +132,8 @@ struct Asked {
     allow_patterns: Vec<String>,
     ignore_patterns: Vec<String>,
     auto_load: Option<LoadSpec>,
+    repair: bool,
+    gguf: Option<super::reference::Selector>,
 }
 
 impl Asked {
@@ -140,12 +148,32 @@ impl Asked {
             allow_patterns: sorted(&request.allow_patterns),
             ignore_patterns: sorted(&request.ignore_patterns),
             auto_load: request.auto_load.clone(),
+            repair: request.repair,
+            gguf: request.gguf.clone(),
         }
     }
 
     /// What differs from `running`, in words; None when nothing does.
     fn difference(&self, running: &Asked) -> Option<String> {
         let mut what = Vec::new();
+        let kind = |repair: bool| if repair { "a repair" } else { "a download" };
+        if self.repair != running.repair {
+            what.push(format!(
+                "kind: {} (running: {})",
+                kind(self.repair),
+                kind(running.repair)
+            ));
+        }
+        if self.gguf != running.gguf {
+            let show = |s: &Option<super::reference::Selector>| {
+                s.as_ref().map_or("none".to_owned(), ToString::to_string)
+            };
+            what.push(format!(
+                "GGUF selector {} (running: {})",
+                show(&self.gguf),
+                show(&running.gguf)
+            ));
+        }
         if self.allow_patterns != running.allow_patterns {
             what.push(format!(
                 "allow_patterns {:?} (running: {:?})",
@@ -260,6 +288,21 @@ impl Downloads {
         let patterns = Patterns::new(&request.allow_patterns, &request.ignore_patterns)
             .map_err(|(field, message)| ManagerError::InvalidArgument { field, message })?;
         let key = (request.repo_id.clone(), revision.clone());
+        // A repair works on the snapshot in the cache: one that is not there is NOT_FOUND now.
+        let repair = if request.repair {
+            let cache = super::Cache::new(self.ctx.cache_dir.clone());
+            let snapshot = cache.resolve(&super::ModelRef::Hub {
+                repo_id: request.repo_id.clone(),
+                revision: revision.clone(),
+                selector: None,
+            })?;
+            Some(repair::Target {
+                commit: snapshot.commit,
+                path: snapshot.path,
+            })
+        } else {
+            None
+        };
 
         let mut tasks = self.tasks();
         let asked = Asked::of(&request);
@@ -323,6 +366,9 @@ impl Downloads {
             finished_at: None,
             allow_patterns: request.allow_patterns.clone(),
             ignore_patterns: request.ignore_patterns.clone(),
+            repair: request.repair,
+            repaired_files: Vec::new(),
+            summary: String::new(),
             seq: 0,
         });
         let mut rx = tracker.subscribe();
@@ -341,10 +387,12 @@ impl Downloads {
 
         let this = self.clone();
         let task_request = task::Request {
+            gguf: request.gguf.map(patterns::GgufChoice),
             repo_id: request.repo_id,
             revision,
             patterns,
             auto_load: request.auto_load,
+            repair,
         };
         tracing::info!(download_id = %id, model = %task_request.repo_id, revision = %task_request.revision, "download started");
         tokio::spawn(async move {

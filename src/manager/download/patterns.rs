@@ -1,9 +1,11 @@
 //! allow_patterns / ignore_patterns with huggingface_hub's semantics (`filter_repo_objects`):
 //! fnmatch-style globs where `*` also matches `/`, a pattern ending in `/` matches everything
 //! under that folder, a file is kept when it matches an allow pattern (or none are given) and no
-//! ignore pattern.
+//! ignore pattern. A reference's GGUF selector narrows the selection further ([`GgufChoice`]).
 
 use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
+
+use crate::{manager::reference::Selector, snapshot::gguf::quantization_from_name};
 
 /// Compiled patterns.
 #[derive(Debug, Clone)]
@@ -64,9 +66,87 @@ impl Patterns {
     }
 }
 
+/// Extensions of weight files: what a GGUF selector leaves out unless it names the file.
+const WEIGHT_EXTENSIONS: &[&str] = &[
+    ".gguf",
+    ".safetensors",
+    ".bin",
+    ".pt",
+    ".pth",
+    ".onnx",
+    ".h5",
+    ".msgpack",
+    ".ot",
+    ".tflite",
+    ".ckpt",
+];
+
+/// A reference's GGUF selector applied to a repository listing: the GGUF file(s) it names plus
+/// every top-level file that holds no weights (config.json, tokenizer files, templates, ...).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GgufChoice(pub Selector);
+
+impl GgufChoice {
+    fn names(&self, path: &str) -> bool {
+        match &self.0 {
+            Selector::File(file) => path == file,
+            Selector::Quant(q) => {
+                path.ends_with(".gguf")
+                    && quantization_from_name(path)
+                        .is_some_and(|named| named.eq_ignore_ascii_case(q))
+            }
+        }
+    }
+
+    /// The paths of `paths` to fetch; Err with the repository's GGUF files when the selector
+    /// names none of them.
+    pub fn select<'a>(&self, paths: &[&'a str]) -> Result<Vec<&'a str>, Vec<&'a str>> {
+        if !paths.iter().any(|p| self.names(p)) {
+            return Err(paths
+                .iter()
+                .filter(|p| p.ends_with(".gguf"))
+                .copied()
+                .collect());
+        }
+        Ok(paths
+            .iter()
+            .filter(|p| {
+                self.names(p)
+                    || (!p.contains('/') && !WEIGHT_EXTENSIONS.iter().any(|ext| p.ends_with(ext)))
+            })
+            .copied()
+            .collect())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_gguf_selector_takes_its_file_and_the_metadata() {
+        let files = [
+            "README.md",
+            "config.json",
+            "m-Q4_0.gguf",
+            "m-Q8_0.gguf",
+            "model.safetensors",
+            "tokenizer.json",
+            "sub/extra.json",
+        ];
+        let quant = GgufChoice(Selector::Quant("Q4_0".into()));
+        assert_eq!(
+            quant.select(&files).unwrap(),
+            ["README.md", "config.json", "m-Q4_0.gguf", "tokenizer.json"]
+        );
+        let file = GgufChoice(Selector::File("m-Q8_0.gguf".into()));
+        assert!(file.select(&files).unwrap().contains(&"m-Q8_0.gguf"));
+        let none = GgufChoice(Selector::Quant("Q9_X".into()));
+        assert_eq!(
+            none.select(&files).unwrap_err(),
+            ["m-Q4_0.gguf", "m-Q8_0.gguf"]
+        );
+    }
 
     fn p(allow: &[&str], ignore: &[&str]) -> Patterns {
         let s = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();

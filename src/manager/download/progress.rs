@@ -155,6 +155,12 @@ pub struct Progress {
     pub finished_at: Option<SystemTime>,
     pub allow_patterns: Vec<String>,
     pub ignore_patterns: Vec<String>,
+    /// A RepairModel task.
+    pub repair: bool,
+    /// Repository paths a repair fetched again, sorted (set when it ends).
+    pub repaired_files: Vec<String>,
+    /// One line saying what the task did (set when it ends).
+    pub summary: String,
     /// Publication number, increasing (not sent to clients).
     pub seq: u64,
 }

@@ -4,7 +4,8 @@
 //! byte) → free-space check → DOWNLOADING (several files at once, each through
 //! [`super::transfer`]; a blob is linked into `snapshots/<commit>/` only once it is in place) →
 //! VERIFYING (the snapshot guard, QUICK) → COMPLETED and `refs/<revision>` written, or FAILED
-//! with a [`DownloadErrorCode`]. Then the optional auto-load.
+//! with a [`DownloadErrorCode`]. Then the optional auto-load. A repair task takes the other
+//! road through [`super::repair`], sharing [`fetch`].
 
 use std::{
     path::{Path, PathBuf},
@@ -16,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{
     hub::{HubClient, Listing, RemoteFile},
-    patterns::Patterns,
+    patterns::{GgufChoice, Patterns},
     progress::{
         AutoLoadState, DownloadErrorCode as Code, DownloadFailure, DownloadState, FileCounters,
         FileState, Tracker,
@@ -36,6 +37,31 @@ pub struct Request {
     pub revision: String,
     pub patterns: Patterns,
     pub auto_load: Option<LoadSpec>,
+    /// A RepairModel task: the snapshot to repair.
+    pub repair: Option<super::repair::Target>,
+    /// The reference's GGUF selector.
+    pub gguf: Option<GgufChoice>,
+}
+
+impl Request {
+    /// The model id an auto-load uses: the repository and the GGUF selector.
+    fn model_id(&self) -> String {
+        match &self.gguf {
+            Some(choice) => format!("{}{}", self.repo_id, choice.0),
+            None => self.repo_id.clone(),
+        }
+    }
+}
+
+/// What a task that completed did.
+#[derive(Debug, Clone)]
+pub struct Done {
+    /// The snapshot folder.
+    pub snapshot: PathBuf,
+    /// Repository paths fetched again by a repair, sorted.
+    pub repaired: Vec<String>,
+    /// One line for humans.
+    pub summary: String,
 }
 
 /// Task settings.
@@ -73,14 +99,21 @@ pub async fn run(
     cancel: CancellationToken,
 ) {
     // Cancellation is handled inside: transfers record their progress before they stop.
-    let result = download(&ctx, &request, &tracker, &cancel).await;
+    let result = match &request.repair {
+        Some(target) => super::repair::run(&ctx, &request, target, &tracker, &cancel).await,
+        None => download(&ctx, &request, &tracker, &cancel).await,
+    };
     match result {
-        Ok(snapshot) => {
-            tracker.update(|p| p.state = DownloadState::Completed);
+        Ok(done) => {
+            tracker.update(|p| {
+                p.state = DownloadState::Completed;
+                p.repaired_files = done.repaired.clone();
+                p.summary = done.summary.clone();
+            });
             metrics::counter!("lmx_downloads_completed_total").increment(1);
-            tracing::info!(model = %request.repo_id, revision = %request.revision, "download completed");
+            tracing::info!(model = %request.repo_id, revision = %request.revision, summary = %done.summary, "download completed");
             if let Some(spec) = request.auto_load.clone() {
-                auto_load(&ctx, &request, spec, &snapshot, &tracker).await;
+                auto_load(&ctx, &request, spec, &done.snapshot, &tracker).await;
             }
         }
         Err(failure) => {
@@ -94,7 +127,11 @@ pub async fn run(
                 } else {
                     DownloadState::Failed
                 };
-                p.problems = failure.problems.clone();
+                // A repair keeps the problems it found when it fails for another reason.
+                if !p.repair || !failure.problems.is_empty() {
+                    p.problems = failure.problems.clone();
+                }
+                p.summary = failure.to_string();
                 p.failure = Some(failure);
                 if p.auto_load != AutoLoadState::NotRequested {
                     p.auto_load = AutoLoadState::Failed;
@@ -110,17 +147,33 @@ async fn download(
     request: &Request,
     tracker: &Arc<Tracker>,
     cancel: &CancellationToken,
-) -> Result<PathBuf, DownloadFailure> {
+) -> Result<Done, DownloadFailure> {
     let listing = tokio::select! {
         l = ctx.hub.listing(&request.repo_id, &request.revision) => l?,
         () = cancel.cancelled() => return Err(cancelled()),
     };
     let Listing { commit, files } = listing;
-    let selected: Vec<RemoteFile> = files
+    let mut selected: Vec<RemoteFile> = files
         .iter()
         .filter(|f| request.patterns.selects(&f.path))
         .cloned()
         .collect();
+    if let Some(choice) = &request.gguf {
+        let paths: Vec<&str> = selected.iter().map(|f| f.path.as_str()).collect();
+        let keep: Vec<String> = match choice.select(&paths) {
+            Ok(keep) => keep.into_iter().map(str::to_owned).collect(),
+            Err(gguf) => {
+                return Err(DownloadFailure::new(
+                    Code::FileNotFound,
+                    format!(
+                        "no GGUF file of {}@{commit} matches the selector {} (its GGUF files: {gguf:?})",
+                        request.repo_id, choice.0
+                    ),
+                ))
+            }
+        };
+        selected.retain(|f| keep.contains(&f.path));
+    }
     if selected.is_empty() {
         return Err(DownloadFailure::new(
             Code::FileNotFound,
@@ -131,7 +184,95 @@ async fn download(
             ),
         ));
     }
-    for f in &selected {
+    let snapshot = fetch(ctx, request, tracker, cancel, &commit, &selected).await?;
+    let cached = tracker
+        .current()
+        .files
+        .iter()
+        .filter(|f| f.state == FileState::Cached)
+        .count();
+
+    if cancel.is_cancelled() {
+        return Err(cancelled());
+    }
+    tracker.update(|p| p.state = DownloadState::Verifying);
+    let check_path = snapshot.clone();
+    let report =
+        tokio::task::spawn_blocking(move || snapshot::verify(&check_path, snapshot::Mode::Quick))
+            .await
+            .map_err(|e| DownloadFailure::new(Code::Internal, e.to_string()))?
+            .map_err(|e| DownloadFailure::new(Code::StorageError, e.to_string()))?;
+    // Problems with files this download was asked to fetch fail it; problems that only come from
+    // files the patterns left out leave a completed download whose snapshot is incomplete.
+    let selected_paths: std::collections::HashSet<&str> =
+        selected.iter().map(|f| f.path.as_str()).collect();
+    let ours = |p: &snapshot::Problem| {
+        !request.patterns.is_filtering()
+            || selected_paths.contains(p.file.as_str())
+            || p.file.starts_with("blobs/")
+    };
+    let errors: Vec<snapshot::Problem> = report
+        .problems
+        .iter()
+        .filter(|p| p.severity == Severity::Error && ours(p))
+        .cloned()
+        .collect();
+    tracker.update(|p| p.problems = report.problems.clone());
+    if !errors.is_empty() {
+        let summary: Vec<String> = errors
+            .iter()
+            .map(|p| format!("{} {}: {}", p.kind, p.file, p.detail))
+            .collect();
+        return Err(DownloadFailure {
+            code: Code::IncompleteDownload,
+            message: format!(
+                "the snapshot is incomplete after the transfer: {}",
+                summary.join("; ")
+            ),
+            problems: report.problems.clone(),
+        });
+    }
+    write_ref(ctx, request, &commit)?;
+    Ok(Done {
+        snapshot,
+        repaired: Vec::new(),
+        summary: format!(
+            "{} files of {}@{} ({commit}) in the cache, {cached} of them already there",
+            selected.len(),
+            request.repo_id,
+            request.revision
+        ),
+    })
+}
+
+/// Points `refs/<revision>` at `commit` (nothing to do when the revision is the commit).
+fn write_ref(ctx: &Context, request: &Request, commit: &str) -> Result<(), DownloadFailure> {
+    if request.revision == commit {
+        return Ok(());
+    }
+    let cache = hf_hub::Cache::new(ctx.cache_dir.clone());
+    let repo = hf_hub::Repo::with_revision(
+        request.repo_id.clone(),
+        hf_hub::RepoType::Model,
+        request.revision.clone(),
+    );
+    cache
+        .repo(repo)
+        .create_ref(commit)
+        .map_err(|e| storage("writing the ref", &e))
+}
+
+/// Brings `selected` (files of `commit`) into the blob store, verified by hash, and links them
+/// into `snapshots/<commit>/`; returns the snapshot folder. DOWNLOADING while it runs.
+pub(super) async fn fetch(
+    ctx: &Context,
+    request: &Request,
+    tracker: &Arc<Tracker>,
+    cancel: &CancellationToken,
+    commit: &str,
+    selected: &[RemoteFile],
+) -> Result<PathBuf, DownloadFailure> {
+    for f in selected {
         if let Some(reason) = unsafe_repo_path(&f.path) {
             return Err(DownloadFailure::new(
                 Code::Internal,
@@ -139,6 +280,7 @@ async fn download(
             ));
         }
     }
+    let commit = commit.to_owned();
     let counters: Vec<Arc<FileCounters>> = selected
         .iter()
         .map(|f| Arc::new(FileCounters::new(f.path.clone(), f.size)))
@@ -153,7 +295,7 @@ async fn download(
     let blobs = repo_dir.join("blobs");
     let snapshot = repo_dir.join("snapshots").join(&commit);
     std::fs::create_dir_all(&blobs).map_err(|e| storage("creating the cache folders", &e))?;
-    check_disk_space(&blobs, &selected, ctx.settings.disk_margin)?;
+    check_disk_space(&blobs, selected, ctx.settings.disk_margin)?;
 
     tracker.update(|p| p.state = DownloadState::Downloading);
     let ticker = {
@@ -216,58 +358,6 @@ async fn download(
         return Err(failure.clone());
     }
 
-    if cancel.is_cancelled() {
-        return Err(cancelled());
-    }
-    tracker.update(|p| p.state = DownloadState::Verifying);
-    let check_path = snapshot.clone();
-    let report =
-        tokio::task::spawn_blocking(move || snapshot::verify(&check_path, snapshot::Mode::Quick))
-            .await
-            .map_err(|e| DownloadFailure::new(Code::Internal, e.to_string()))?
-            .map_err(|e| DownloadFailure::new(Code::StorageError, e.to_string()))?;
-    // Problems with files this download was asked to fetch fail it; problems that only come from
-    // files the patterns left out leave a completed download whose snapshot is incomplete.
-    let selected_paths: std::collections::HashSet<&str> =
-        selected.iter().map(|f| f.path.as_str()).collect();
-    let ours = |p: &snapshot::Problem| {
-        !request.patterns.is_filtering()
-            || selected_paths.contains(p.file.as_str())
-            || p.file.starts_with("blobs/")
-    };
-    let errors: Vec<snapshot::Problem> = report
-        .problems
-        .iter()
-        .filter(|p| p.severity == Severity::Error && ours(p))
-        .cloned()
-        .collect();
-    tracker.update(|p| p.problems = report.problems.clone());
-    if !errors.is_empty() {
-        let summary: Vec<String> = errors
-            .iter()
-            .map(|p| format!("{} {}: {}", p.kind, p.file, p.detail))
-            .collect();
-        return Err(DownloadFailure {
-            code: Code::IncompleteDownload,
-            message: format!(
-                "the snapshot is incomplete after the transfer: {}",
-                summary.join("; ")
-            ),
-            problems: report.problems.clone(),
-        });
-    }
-    if request.revision != commit {
-        let cache = hf_hub::Cache::new(ctx.cache_dir.clone());
-        let repo = hf_hub::Repo::with_revision(
-            request.repo_id.clone(),
-            hf_hub::RepoType::Model,
-            request.revision.clone(),
-        );
-        cache
-            .repo(repo)
-            .create_ref(&commit)
-            .map_err(|e| storage("writing the ref", &e))?;
-    }
     Ok(snapshot)
 }
 
@@ -352,7 +442,7 @@ async fn auto_load(
     tracker.update(|p| p.auto_load = AutoLoadState::Loading);
     match ctx
         .models
-        .load(&request.repo_id, &request.revision, spec)
+        .load(&request.model_id(), &request.revision, spec)
         .await
     {
         Ok(_) => tracker.update(|p| p.auto_load = AutoLoadState::Loaded),

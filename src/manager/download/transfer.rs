@@ -8,7 +8,8 @@
 //! The content hash (sha256 for LFS files, git blob sha1 otherwise) is computed while a single
 //! stream arrives (after re-hashing the resumed prefix), or read back for multi-part transfers,
 //! and compared with the hub's before the blob is renamed into place: a blob appears under
-//! `blobs/` only complete and verified. A mismatch deletes the data.
+//! `blobs/` only complete and verified. A mismatch deletes the data. A blob already in place is
+//! hashed too before it counts as cached: one whose content does not match its name is replaced.
 
 use std::{
     io::SeekFrom,
@@ -173,11 +174,24 @@ impl Transfer<'_> {
     pub async fn run(&self) -> Result<PathBuf, DownloadFailure> {
         let blob = self.blob();
         if std::fs::metadata(&blob).is_ok_and(|m| m.len() == self.file.size) {
-            self.counters
-                .downloaded
-                .store(self.file.size, Ordering::Relaxed);
-            self.counters.set_state(FileState::Cached);
-            return Ok(blob);
+            // A blob is named by its content hash: trusted only when its content has that hash,
+            // never on its size alone. One that does not is replaced.
+            self.counters.set_state(FileState::Verifying);
+            let (path, lfs, size) = (blob.clone(), self.file.lfs, self.file.size);
+            let digest = tokio::task::spawn_blocking(move || hash_file(&path, lfs, size))
+                .await
+                .map_err(|e| DownloadFailure::new(Code::Internal, e.to_string()))?
+                .map_err(|e| io_failure("hashing the cached blob", &e))?;
+            if digest == self.file.etag {
+                self.counters
+                    .downloaded
+                    .store(self.file.size, Ordering::Relaxed);
+                self.counters.set_state(FileState::Cached);
+                return Ok(blob);
+            }
+            tracing::warn!(file = %self.file.path, blob = %blob.display(), %digest, "a cached blob's content does not match its name; fetching it again");
+            std::fs::remove_file(&blob)
+                .map_err(|e| io_failure("removing the corrupt cached blob", &e))?;
         }
         std::fs::create_dir_all(self.blobs)
             .map_err(|e| io_failure("creating the blob store", &e))?;
