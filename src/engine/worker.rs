@@ -624,6 +624,35 @@ impl Pacer {
     }
 }
 
+/// Where a sequence stands: tokens fed to the model, its prompt's length, tokens it has.
+#[derive(Debug, Clone, Copy)]
+struct Progress {
+    fed: usize,
+    prompt_len: usize,
+    tokens: usize,
+}
+
+/// How many new tokens each sequence feeds the next step: every decoding sequence its token,
+/// and the waiting prompts, in order, what the pacer's budget allows (each at most
+/// `prefill_chunk`).
+fn plan_feed(seqs: &[Progress], pacer: &Pacer, prefill_chunk: usize) -> Vec<usize> {
+    let decoding = seqs.iter().filter(|s| s.fed >= s.prompt_len).count();
+    let max_chunk = prefill_chunk.max(1);
+    let mut budget = pacer.chunk(max_chunk, decoding);
+    seqs.iter()
+        .map(|s| {
+            let pending = s.tokens - s.fed;
+            if s.fed >= s.prompt_len {
+                pending
+            } else {
+                let n = pending.min(budget).min(max_chunk);
+                budget -= n;
+                n
+            }
+        })
+        .collect()
+}
+
 impl Worker {
     /// One forward pass over every active sequence: a decode token for each sequence past its
     /// prompt, and prompt chunks (at most `prefill_chunk` tokens in all) for the others; then
@@ -651,19 +680,16 @@ impl Worker {
             return;
         }
         // How many new tokens each sequence feeds this step.
-        let mut feed = vec![0usize; active.len()];
         let decoding = active.iter().filter(|s| s.fed >= s.prompt_len).count();
-        let max_chunk = self.prefill_chunk.max(1);
-        let mut prompt_budget = batch.pacer.chunk(max_chunk, decoding);
-        for (f, seq) in feed.iter_mut().zip(active.iter()) {
-            let pending = seq.tokens.len() - seq.fed;
-            if seq.fed >= seq.prompt_len {
-                *f = pending;
-            } else if prompt_budget > 0 {
-                *f = pending.min(prompt_budget).min(max_chunk);
-                prompt_budget -= *f;
-            }
-        }
+        let progress: Vec<Progress> = active
+            .iter()
+            .map(|s| Progress {
+                fed: s.fed,
+                prompt_len: s.prompt_len,
+                tokens: s.tokens.len(),
+            })
+            .collect();
+        let feed = plan_feed(&progress, &batch.pacer, self.prefill_chunk);
         let mut parts: Vec<Part<'_>> = Vec::with_capacity(active.len());
         let mut rows: Vec<usize> = Vec::with_capacity(active.len());
         for (i, (seq, &n)) in active.iter_mut().zip(&feed).enumerate() {
@@ -870,6 +896,62 @@ impl Sequence {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn waiting(prompt_len: usize) -> Progress {
+        Progress {
+            fed: 0,
+            prompt_len,
+            tokens: prompt_len,
+        }
+    }
+
+    fn running(len: usize) -> Progress {
+        Progress {
+            fed: len,
+            prompt_len: len,
+            tokens: len + 1,
+        }
+    }
+
+    #[test]
+    fn a_burst_of_prompts_goes_in_one_step_while_nobody_decodes() {
+        let pacer = Pacer::default();
+        // 8 clients of 64-token prompts: one step, all of them (they decode from the next).
+        assert_eq!(plan_feed(&[waiting(64); 8], &pacer, 256), vec![64; 8]);
+        // 16 of them still fit the wave's 1,024 tokens.
+        assert_eq!(plan_feed(&[waiting(64); 16], &pacer, 256), vec![64; 16]);
+        // Each prompt at most one chunk; the wave at most WAVE_TOKENS in all.
+        assert_eq!(
+            plan_feed(&[waiting(2000), waiting(300)], &pacer, 256),
+            vec![256, 256]
+        );
+        let long = plan_feed(&[waiting(900); 3], &pacer, 900);
+        assert_eq!(long, vec![900, WAVE_TOKENS - 900, 0]);
+    }
+
+    #[test]
+    fn prompts_arriving_among_running_streams_are_paced_short_ones_too() {
+        let mut pacer = Pacer::default();
+        // Decode steps of 40 ms; a prompt token adds 1 ms: room for (1.6 - 1) · 40 tokens.
+        for _ in 0..20 {
+            pacer.record(0, 4, 0.040);
+            pacer.record(64, 4, 0.040 + 0.064);
+        }
+        let room = pacer.chunk(256, 4);
+        assert!(room < 64, "{room}");
+        let feed = plan_feed(
+            &[running(20), running(30), waiting(64), waiting(64)],
+            &pacer,
+            256,
+        );
+        // Every running stream gets its token; the new prompts share the room, in order.
+        assert_eq!(feed[..2], [1, 1]);
+        assert_eq!(feed[2] + feed[3], room);
+        assert_eq!(feed[2], room.min(64));
+        // Nothing measured yet: the smallest chunk.
+        let fresh = plan_feed(&[running(5), waiting(64)], &Pacer::default(), 256);
+        assert_eq!(fresh, vec![1, MIN_CHUNK]);
+    }
 
     #[test]
     fn the_pacer_sizes_chunks_to_keep_decode_steps_within_the_stall_factor() {
