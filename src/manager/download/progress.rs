@@ -89,6 +89,14 @@ impl DownloadFailure {
             problems: Vec::new(),
         }
     }
+
+    /// The failure of a download (or repair) that was cancelled.
+    pub fn cancelled() -> Self {
+        Self::new(
+            DownloadErrorCode::DownloadCancelled,
+            "the download was cancelled",
+        )
+    }
 }
 
 /// What happened to the load requested with `auto_load`. Mirrors `lmx.v1.AutoLoadState`.

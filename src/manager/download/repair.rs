@@ -106,7 +106,7 @@ pub(super) async fn run(
     let listing = tokio::select! {
         l = ctx.hub.listing(&request.repo_id, &target.commit) => l?,
         () = cancel.cancelled() => {
-            return Err(DownloadFailure::new(Code::DownloadCancelled, "the download was cancelled"))
+            return Err(DownloadFailure::cancelled())
         }
     };
     let selected: Vec<RemoteFile> = listing
@@ -132,10 +132,7 @@ pub(super) async fn run(
     }
     fetch(ctx, request, tracker, cancel, &target.commit, &selected).await?;
     if cancel.is_cancelled() {
-        return Err(DownloadFailure::new(
-            Code::DownloadCancelled,
-            "the download was cancelled",
-        ));
+        return Err(DownloadFailure::cancelled());
     }
     tracker.update(|p| p.state = DownloadState::Verifying);
     let after = full_check(&target.path).await?;

@@ -83,10 +83,6 @@ pub struct Context {
     pub blob_locks: BlobLocks,
 }
 
-fn cancelled() -> DownloadFailure {
-    DownloadFailure::new(Code::DownloadCancelled, "the download was cancelled")
-}
-
 fn storage(what: &str, e: &std::io::Error) -> DownloadFailure {
     DownloadFailure::new(Code::StorageError, format!("{what}: {e}"))
 }
@@ -150,7 +146,7 @@ async fn download(
 ) -> Result<Done, DownloadFailure> {
     let listing = tokio::select! {
         l = ctx.hub.listing(&request.repo_id, &request.revision) => l?,
-        () = cancel.cancelled() => return Err(cancelled()),
+        () = cancel.cancelled() => return Err(DownloadFailure::cancelled()),
     };
     let Listing { commit, files } = listing;
     let mut selected: Vec<RemoteFile> = files
@@ -193,7 +189,7 @@ async fn download(
         .count();
 
     if cancel.is_cancelled() {
-        return Err(cancelled());
+        return Err(DownloadFailure::cancelled());
     }
     tracker.update(|p| p.state = DownloadState::Verifying);
     let check_path = snapshot.clone();

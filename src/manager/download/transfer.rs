@@ -90,10 +90,6 @@ fn io_failure(what: &str, err: &std::io::Error) -> DownloadFailure {
     DownloadFailure::new(code, format!("{what}: {err}"))
 }
 
-fn cancelled() -> DownloadFailure {
-    DownloadFailure::new(Code::DownloadCancelled, "the download was cancelled")
-}
-
 fn plan_parts(size: u64, settings: &TransferSettings) -> Vec<Part> {
     if size < settings.part_size.saturating_mul(2) || settings.parts_in_parallel < 2 {
         return vec![Part {
@@ -356,7 +352,7 @@ impl Transfer<'_> {
                     tracing::warn!(file = %self.file.path, error = %error.message, ?delay, "transfer interrupted; resuming");
                     tokio::select! {
                         () = tokio::time::sleep(delay) => {}
-                        () = self.cancel.cancelled() => return Err(cancelled()),
+                        () = self.cancel.cancelled() => return Err(DownloadFailure::cancelled()),
                     }
                 }
                 None => {
@@ -390,7 +386,7 @@ impl Transfer<'_> {
         let offset = part.start + part.done;
         let response = tokio::select! {
             r = self.hub.get_range(url, offset, part.end, what) => r,
-            () = self.cancel.cancelled() => return Err(StreamError::Fatal(cancelled())),
+            () = self.cancel.cancelled() => return Err(StreamError::Fatal(DownloadFailure::cancelled())),
         };
         let response = match response {
             Ok(r) => r,
@@ -412,7 +408,7 @@ impl Transfer<'_> {
         loop {
             if self.cancel.is_cancelled() {
                 let _ = file.flush().await;
-                return Err(StreamError::Fatal(cancelled()));
+                return Err(StreamError::Fatal(DownloadFailure::cancelled()));
             }
             if dirty && last_persist.elapsed() >= PERSIST_INTERVAL {
                 dirty = false;
