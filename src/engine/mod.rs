@@ -370,6 +370,32 @@ fn read_config(dir: &Path) -> Result<Value, EngineError> {
         .map_err(|e| EngineError::Load(format!("config.json does not parse: {e}")))
 }
 
+/// A causal LM loaded from a Hugging Face folder (config.json), with its description.
+fn hf_generator(
+    lm: arch::LoadedLm,
+    format: WeightFormat,
+    memory_bytes: u64,
+    config: &Value,
+    options: &LoadOptions,
+    device: &Device,
+    info: tokenizer::TokenizerInfo,
+) -> (Runner, ModelDescription, tokenizer::TokenizerInfo) {
+    let dtype = options.dtype.unwrap_or(DType::F32);
+    let description = ModelDescription {
+        kind: ModelKind::Generator,
+        architecture: lm.architecture,
+        format,
+        context_length: lm.context_length,
+        memory_bytes,
+        kv_cache_bytes: 0,
+        kv_bytes_per_token: memory::kv_bytes_per_token_hf(config, dtype, device.is_cpu()),
+        dtype,
+        device: options.device.clone(),
+        has_chat_template: info.chat_template.is_some(),
+    };
+    (generator(lm.model, &info), description, info)
+}
+
 /// Loads the model in `dir` (a snapshot the guard passed). Blocking: run it off the async
 /// runtime. `guard` is kept by the model's thread and dropped when it ends.
 pub fn load(
@@ -390,19 +416,15 @@ pub fn load(
         let memory = memory::pytorch_memory(&pytorch, dtype)?;
         let info = tokenizer::load(dir, Some(&config), None)?;
         let lm = arch::load_pytorch(&config, &pytorch, dtype, &device)?;
-        let description = ModelDescription {
-            kind: ModelKind::Generator,
-            architecture: lm.architecture,
-            format: WeightFormat::PytorchBin,
-            context_length: lm.context_length,
-            memory_bytes: memory,
-            kv_cache_bytes: 0,
-            kv_bytes_per_token: memory::kv_bytes_per_token_hf(&config, dtype, device.is_cpu()),
-            dtype,
-            device: options.device.clone(),
-            has_chat_template: info.chat_template.is_some(),
-        };
-        (generator(lm.model, &info), description, info)
+        hf_generator(
+            lm,
+            WeightFormat::PytorchBin,
+            memory,
+            &config,
+            options,
+            &device,
+            info,
+        )
     } else if let Some(path) =
         gguf_file(dir, options.gguf_file.as_deref()).filter(|_| no_safetensors)
     {
@@ -465,19 +487,15 @@ pub fn load(
             (Runner::Embedder(embedder), description, info)
         } else {
             let lm = arch::load_safetensors(&config, &files, dtype, &device)?;
-            let description = ModelDescription {
-                kind: ModelKind::Generator,
-                architecture: lm.architecture,
-                format: WeightFormat::Safetensors,
-                context_length: lm.context_length,
-                memory_bytes: memory,
-                kv_cache_bytes: 0,
-                kv_bytes_per_token: memory::kv_bytes_per_token_hf(&config, dtype, device.is_cpu()),
-                dtype,
-                device: options.device.clone(),
-                has_chat_template: info.chat_template.is_some(),
-            };
-            (generator(lm.model, &info), description, info)
+            hf_generator(
+                lm,
+                WeightFormat::Safetensors,
+                memory,
+                &config,
+                options,
+                &device,
+                info,
+            )
         }
     };
 
