@@ -268,40 +268,25 @@ async fn a_clean_snapshot_repairs_offline_with_nothing_to_do() {
 async fn repair_of_an_unknown_model_or_a_folder_is_refused_with_the_right_code() {
     let server = server_for("http://127.0.0.1:9".into()).await;
     let mut admin = Admin::new(server.channel().await);
-    let status = admin
-        .repair_model(pb::RepairModelRequest {
-            model_id: "tiny/absent".into(),
-            revision: String::new(),
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(status.code(), tonic::Code::NotFound, "{status:?}");
-    assert!(
-        status.message().contains("tiny/absent"),
-        "{}",
-        status.message()
-    );
-    let status = admin
-        .repair_model(pb::RepairModelRequest {
-            model_id: "/tmp/some-folder".into(),
-            revision: String::new(),
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(status.code(), tonic::Code::InvalidArgument);
-    assert!(
-        status.message().contains("model_id"),
-        "{}",
-        status.message()
-    );
-    let status = admin
-        .repair_model(pb::RepairModelRequest {
-            model_id: "bad//id".into(),
-            revision: String::new(),
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    for (model_id, code, named) in [
+        ("tiny/absent", tonic::Code::NotFound, "tiny/absent"),
+        ("/tmp/some-folder", tonic::Code::InvalidArgument, "model_id"),
+        ("bad//id", tonic::Code::InvalidArgument, "model_id"),
+    ] {
+        let status = admin
+            .repair_model(pb::RepairModelRequest {
+                model_id: model_id.into(),
+                revision: String::new(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), code, "{model_id}: {status:?}");
+        assert!(
+            status.message().contains(named),
+            "{model_id}: {}",
+            status.message()
+        );
+    }
     server.stop().await.unwrap();
 }
 
