@@ -5,7 +5,8 @@
 //! ([`Isa::detect`], once per process): AVX-512, AVX2 + FMA, and a portable scalar one that also
 //! builds on aarch64. No `-C target-cpu` is needed: the SIMD flavours are `#[target_feature]`
 //! functions called only after the CPU was checked. Work is split across cores by
-//! [`par_rows`] on rayon's pool, whose threads sleep when there is nothing to do.
+//! [`par_rows`] on the engine's own [`pool`], whose threads spin during a forward pass and sleep
+//! when there is nothing to do.
 //!
 //! This module knows nothing of models, tokenizers or candle tensors (candle appears only in
 //! tests, as the reference every kernel is checked against).
@@ -13,6 +14,7 @@
 pub mod dense;
 pub mod ops;
 pub mod packed;
+pub mod pool;
 pub mod quant;
 
 use std::{ops::Range, sync::OnceLock};
@@ -119,7 +121,7 @@ pub fn describe_cpu() -> String {
     let ext = Extensions::detect();
     format!(
         "{model}; {} threads; kernels {:?}{}{}{}",
-        rayon::current_num_threads(),
+        pool::threads(),
         Isa::detect(),
         if ext.avx512_vnni { " +avx512vnni" } else { "" },
         if ext.avx_vnni { " +avxvnni" } else { "" },
@@ -135,6 +137,17 @@ pub struct SyncPtr<T>(pub *mut T);
 unsafe impl<T: Send> Send for SyncPtr<T> {}
 // SAFETY: as above.
 unsafe impl<T: Send> Sync for SyncPtr<T> {}
+
+impl<T> SyncPtr<T> {
+    /// The pointer to element `i` (a method, so closures capture the whole `SyncPtr`).
+    ///
+    /// # Safety
+    /// `i` must be within the allocation the pointer points into.
+    pub unsafe fn at(&self, i: usize) -> *mut T {
+        // SAFETY: the caller keeps `i` in bounds.
+        unsafe { self.0.add(i) }
+    }
+}
 
 /// Asks for the cache lines of `data` to be brought into L2 ahead of use (x86-64; elsewhere
 /// nothing). For data read soon after in an order the hardware prefetchers do not foresee,
@@ -162,27 +175,23 @@ pub fn prefetch<T>(data: &[T]) {
     let _ = data;
 }
 
-/// Runs `f` on a thread of rayon's pool, so each [`par_rows`] inside it shares its work among
-/// the pool's threads with the caller taking part, instead of handing every product over from
-/// an outside thread and sleeping until it is done. Forward passes run inside this.
+/// Runs `f` (a forward pass) as one [`pool::session`]: the pool's threads wait for each
+/// [`par_rows`] inside it spinning, not asleep.
 pub fn in_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
-    let mut out = None;
-    rayon::scope(|_| out = Some(f()));
-    out.expect("rayon::scope runs its closure before returning")
+    pool::session(f)
 }
 
 /// Runs `f` over `0..rows` split into contiguous ranges (multiples of `grain`, except the
-/// last) on rayon's pool: about four ranges per thread so uneven cores balance out. A small
+/// last) on the [`pool`]: about four ranges per thread so uneven cores balance out. A small
 /// job, under two grains per thread or under `min_work` total units (`rows * work_per_row`),
 /// runs on the calling thread.
 pub fn par_rows<F>(rows: usize, grain: usize, work_per_row: usize, f: F)
 where
     F: Fn(Range<usize>) + Sync + Send,
 {
-    use rayon::prelude::*;
     const MIN_PARALLEL_WORK: usize = 32 * 1024;
     let grain = grain.max(1);
-    let threads = rayon::current_num_threads().max(1);
+    let threads = pool::threads();
     if threads == 1 || rows <= grain || rows.saturating_mul(work_per_row) < MIN_PARALLEL_WORK {
         f(0..rows);
         return;
@@ -190,7 +199,7 @@ where
     let chunks_wanted = threads * 4;
     let chunk = rows.div_ceil(chunks_wanted).div_ceil(grain).max(1) * grain;
     let chunks = rows.div_ceil(chunk);
-    (0..chunks).into_par_iter().for_each(|c| {
+    pool::run(chunks, &|c| {
         let start = c * chunk;
         f(start..(start + chunk).min(rows));
     });

@@ -400,11 +400,8 @@ impl Model {
                 ops::swiglu(g, u, out);
             };
             if total >= 8 {
-                use rayon::prelude::*;
-                act.par_chunks_mut(ffn)
-                    .zip(gate_up.par_chunks(2 * ffn))
-                    .with_min_len(4)
-                    .for_each(swiglu);
+                let mut rows: Vec<_> = act.chunks_mut(ffn).zip(gate_up.chunks(2 * ffn)).collect();
+                kernels::pool::for_each_mut(&mut rows, |(out, gu)| swiglu((out, gu)));
             } else {
                 act.chunks_mut(ffn)
                     .zip(gate_up.chunks(2 * ffn))
@@ -440,7 +437,7 @@ impl Model {
     }
 
     /// Attention of every step (see [`Model::attention`]). One step runs on the calling thread
-    /// with the workspace's buffers; several are shared among rayon's threads in runs of
+    /// with the workspace's buffers; several are shared among the kernel pool's threads in runs of
     /// consecutive steps (each sequence's attention is a chain of small products, too small to
     /// split further), each step with its own part of `ws.tmp` as buffers.
     fn attention_all(
@@ -472,12 +469,26 @@ impl Model {
         }
         let need: usize = steps.iter().map(|s| self.attention_floats(s)).sum();
         grow(&mut ws.tmp, need);
-        // Runs of consecutive steps, about two per thread.
-        let run = steps
-            .len()
-            .div_ceil(2 * rayon::current_num_threads())
-            .max(1);
-        self.attention_split(layer, steps, run, qkv, attn, &mut ws.tmp[..need]);
+        // Runs of consecutive steps, about two per thread, each with its rows of q/k/v, of the
+        // outputs and of `tmp`.
+        let run = steps.len().div_ceil(2 * kernels::pool::threads()).max(1);
+        let qkv_w = q_dim + 2 * kv_dim;
+        let mut runs = Vec::with_capacity(steps.len().div_ceil(run));
+        let (mut qkv, mut attn, mut tmp) = (qkv, attn, &mut ws.tmp[..need]);
+        for part in steps.chunks_mut(run) {
+            let tokens: usize = part.iter().map(|s| s.tokens.len()).sum();
+            let floats: usize = part.iter().map(|s| self.attention_floats(s)).sum();
+            let (q, rest) = qkv.split_at(tokens * qkv_w);
+            qkv = rest;
+            let (a, rest) = std::mem::take(&mut attn).split_at_mut(tokens * q_dim);
+            attn = rest;
+            let (t, rest) = std::mem::take(&mut tmp).split_at_mut(floats);
+            tmp = rest;
+            runs.push((part, q, a, t));
+        }
+        kernels::pool::for_each_mut(&mut runs, |(part, q, a, t)| {
+            self.attention_run(layer, part, q, a, t)
+        });
     }
 
     /// The buffers [`Model::attention`] takes for step `s`.
@@ -487,15 +498,14 @@ impl Model {
         n * (c.heads / c.kv_heads) * (2 * c.head_dim + s.cache.len + n)
     }
 
-    /// [`Model::attention_all`] of `steps`, whose rows of the call's q/k/v and attention outputs
-    /// are `qkv` and `attn`, with buffers from `tmp` ([`Model::attention_floats`] per step):
-    /// split in halves among rayon's threads down to runs of at most `run` steps, which go one
-    /// after the other, each step's keys and values fetched while the one before computes.
-    fn attention_split(
+    /// [`Model::attention`] of consecutive `steps`, whose rows of the call's q/k/v and
+    /// attention outputs are `qkv` and `attn`, with buffers from `tmp`
+    /// ([`Model::attention_floats`] per step), one after the other, each step's keys and
+    /// values fetched while the one before computes.
+    fn attention_run(
         &self,
         layer: usize,
         steps: &mut [Step<'_>],
-        run: usize,
         qkv: &[f32],
         attn: &mut [f32],
         mut tmp: &mut [f32],
@@ -504,19 +514,6 @@ impl Model {
         let (hd, group) = (c.head_dim, c.heads / c.kv_heads);
         let (q_dim, kv_dim) = (c.heads * hd, c.kv_heads * hd);
         let qkv_w = q_dim + 2 * kv_dim;
-        if steps.len() > run {
-            let (left, right) = steps.split_at_mut(steps.len() / 2);
-            let tokens: usize = left.iter().map(|s| s.tokens.len()).sum();
-            let floats: usize = left.iter().map(|s| self.attention_floats(s)).sum();
-            let (qkv_l, qkv_r) = qkv.split_at(tokens * qkv_w);
-            let (attn_l, attn_r) = attn.split_at_mut(tokens * q_dim);
-            let (tmp_l, tmp_r) = tmp.split_at_mut(floats);
-            rayon::join(
-                || self.attention_split(layer, left, run, qkv_l, attn_l, tmp_l),
-                || self.attention_split(layer, right, run, qkv_r, attn_r, tmp_r),
-            );
-            return;
-        }
         if let Some(s) = steps.first() {
             self.prefetch_cache(layer, s);
         }
