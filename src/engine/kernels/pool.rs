@@ -151,7 +151,7 @@ fn worker(shared: &'static Shared) {
                 break;
             }
             spins = spins.wrapping_add(1);
-            if spins % 64 == 0 && !shared.awake.load(Ordering::Relaxed) {
+            if spins.is_multiple_of(64) && !shared.awake.load(Ordering::Relaxed) {
                 let ended = shared.ended_at.load(Ordering::Relaxed);
                 let now = shared.start.elapsed().as_nanos() as u64;
                 if now.saturating_sub(ended) > LINGER.as_nanos() as u64 {
