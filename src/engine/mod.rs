@@ -533,6 +533,8 @@ pub fn load(
         },
         counters: counters.clone(),
         guard,
+        #[cfg(test)]
+        gate: worker::NEXT_GATE.with(|g| g.borrow_mut().take()),
     };
     std::thread::Builder::new()
         .name(format!("lmx-engine-{}", description.architecture))

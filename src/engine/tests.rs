@@ -11,6 +11,41 @@ fn load_tiny(dir: &Path, options: &LoadOptions) -> Arc<dyn Engine> {
     load(dir, options, Box::new(())).expect("load tiny model")
 }
 
+/// [`load_tiny`] with a gate the test runs the worker's turns with (open until closed).
+fn load_gated(dir: &Path, options: &LoadOptions) -> (Arc<dyn Engine>, Arc<worker::StepGate>) {
+    let gate = Arc::new(worker::StepGate::default());
+    worker::NEXT_GATE.with(|g| *g.borrow_mut() = Some(gate.clone()));
+    (load_tiny(dir, options), gate)
+}
+
+/// Runs the gated worker turn by turn until every stream has sent its first token; returns
+/// those tokens (later ones stay queued on the streams).
+fn first_tokens(
+    gate: &worker::StepGate,
+    streams: &mut [&mut mpsc::UnboundedReceiver<StreamEvent>],
+) -> Vec<u32> {
+    let mut firsts = vec![None; streams.len()];
+    for _ in 0..32 {
+        if firsts.iter().all(Option::is_some) {
+            break;
+        }
+        gate.step();
+        for (first, rx) in firsts.iter_mut().zip(streams.iter_mut()) {
+            if first.is_none() {
+                match rx.try_recv() {
+                    Ok(StreamEvent::Token(t)) => *first = Some(t.id),
+                    Err(mpsc::error::TryRecvError::Empty) => {}
+                    other => panic!("{other:?}"),
+                }
+            }
+        }
+    }
+    firsts
+        .into_iter()
+        .map(|f| f.expect("a first token within 32 turns"))
+        .collect()
+}
+
 fn tiny_llama(options: &LoadOptions) -> (tempfile::TempDir, Arc<dyn Engine>) {
     let dir = tempfile::tempdir().unwrap();
     tiny::write_model(dir.path(), "llama", 1);
@@ -776,7 +811,7 @@ fn kv_memory_is_budgeted_refused_with_numbers_or_waited_for() {
     let per_token = probe.description().kv_bytes_per_token;
     // One sequence of 100 tokens fits; two do not.
     let budget = 150 * per_token;
-    let engine = load_tiny(
+    let (engine, gate) = load_gated(
         dir.path(),
         &LoadOptions {
             kv_budget: Some(budget),
@@ -802,17 +837,19 @@ fn kv_memory_is_budgeted_refused_with_numbers_or_waited_for() {
     }
     let max = 100 - prompt_len as i32;
     let solo = ids(&collect(&*engine, text("hello"), &greedy(max)).0);
+    gate.close();
     let mut first = engine.generate(text("hello"), &greedy(max)).unwrap();
-    assert!(matches!(first.blocking_recv(), Some(StreamEvent::Token(_))));
+    let first_token = first_tokens(&gate, &mut [&mut first])[0];
     let second = engine.generate(text("hello"), &greedy(max)).unwrap();
     // The second waits: one sequence runs, two requests are in flight.
+    gate.step();
     let stats = engine.stats();
     assert_eq!((stats.active, stats.in_flight), (1, 2));
     assert!(stats.kv_cache_used_bytes <= budget);
-    let mut rest = Vec::new();
-    while let Some(StreamEvent::Token(t)) = first.blocking_recv() {
-        rest.push(t.id);
-    }
+    gate.open();
+    let mut all = vec![first_token];
+    all.extend(drain(&mut first));
+    assert_eq!(all, solo);
     let mut second = second;
     let got = drain(&mut second);
     assert_eq!(got, solo);
@@ -824,7 +861,7 @@ fn kv_memory_is_budgeted_refused_with_numbers_or_waited_for() {
 fn a_cancelled_stream_leaves_the_batch_and_the_others_are_unaffected() {
     let dir = tempfile::tempdir().unwrap();
     write_llama_without_eos(dir.path());
-    let engine = load_tiny(
+    let (engine, gate) = load_gated(
         dir.path(),
         &LoadOptions {
             max_concurrent: 4,
@@ -839,25 +876,26 @@ fn a_cancelled_stream_leaves_the_batch_and_the_others_are_unaffected() {
         .collect();
     let idle_kv = engine.stats().kv_cache_used_bytes;
     assert_eq!(idle_kv, 0, "nothing kept without a prefix cache");
+    gate.close();
     let mut streams: Vec<_> = prompts
         .iter()
         .map(|p| Some(engine.generate(text(p), &greedy(60)).unwrap()))
         .collect();
-    // Everyone is decoding; then the second client leaves.
-    let firsts: Vec<u32> = streams
-        .iter_mut()
-        .map(|s| match s.as_mut().unwrap().blocking_recv() {
-            Some(StreamEvent::Token(t)) => t.id,
-            other => panic!("{other:?}"),
-        })
-        .collect();
+    // Everyone is decoding; then the second client leaves, and the next turn notices.
+    let firsts = first_tokens(
+        &gate,
+        &mut streams
+            .iter_mut()
+            .map(|s| s.as_mut().unwrap())
+            .collect::<Vec<_>>(),
+    );
     let running_kv = engine.stats().kv_cache_used_bytes;
     streams[1] = None;
-    wait_until("the cancelled stream to leave", || {
-        let stats = engine.stats();
-        stats.in_flight == 3 && stats.kv_cache_used_bytes < running_kv
-    });
-    assert_eq!(engine.stats().cancelled, 1);
+    gate.step();
+    let stats = engine.stats();
+    assert_eq!((stats.in_flight, stats.cancelled), (3, 1));
+    assert!(stats.kv_cache_used_bytes < running_kv);
+    gate.open();
     for (i, s) in streams.into_iter().enumerate() {
         let Some(mut rx) = s else { continue };
         let mut got = vec![firsts[i]];

@@ -175,6 +175,70 @@ pub(crate) struct Worker {
     pub counters: Arc<Counters>,
     /// Dropped when the thread ends (the memory lease of the loaded model).
     pub guard: Box<dyn Send>,
+    /// Tests hold the worker between turns with this (see [`StepGate`]).
+    #[cfg(test)]
+    pub gate: Option<Arc<StepGate>>,
+}
+
+#[cfg(test)]
+thread_local! {
+    /// The gate the next engine loaded on this thread gets (tests).
+    pub(crate) static NEXT_GATE: std::cell::RefCell<Option<Arc<StepGate>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Lets a test run the worker one turn at a time, so that what a client does between tokens
+/// happens at a known point of a generation however fast the model is. Open (no limit) until
+/// [`StepGate::close`].
+#[cfg(test)]
+#[derive(Default)]
+pub(crate) struct StepGate {
+    /// Turns the worker may still start (None: any number) and whether it waits at the gate.
+    state: std::sync::Mutex<(Option<u64>, bool)>,
+    changed: std::sync::Condvar,
+}
+
+#[cfg(test)]
+impl StepGate {
+    /// The worker stops before its next turn.
+    pub fn close(&self) {
+        self.state.lock().unwrap().0 = Some(0);
+    }
+
+    /// The worker runs freely again.
+    pub fn open(&self) {
+        self.state.lock().unwrap().0 = None;
+        self.changed.notify_all();
+    }
+
+    /// Lets the (closed) worker run one turn and returns when it waits at the gate again.
+    pub fn step(&self) {
+        let mut state = self.state.lock().unwrap();
+        let permits = state.0.as_mut().expect("step() on an open gate");
+        *permits += 1;
+        self.changed.notify_all();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !(state.0 == Some(0) && state.1) {
+            let left = deadline
+                .checked_duration_since(std::time::Instant::now())
+                .expect("the worker did not come back to the gate within 10 s");
+            state = self.changed.wait_timeout(state, left).unwrap().0;
+        }
+    }
+
+    /// The worker's side: waits for a permit.
+    fn pass(&self) {
+        let mut state = self.state.lock().unwrap();
+        while state.0 == Some(0) {
+            state.1 = true;
+            self.changed.notify_all();
+            state = self.changed.wait(state).unwrap();
+        }
+        state.1 = false;
+        if let Some(permits) = &mut state.0 {
+            *permits -= 1;
+        }
+    }
 }
 
 /// What runs a sequence's forward passes.
@@ -285,6 +349,10 @@ impl Worker {
                     )));
                 }
                 continue;
+            }
+            #[cfg(test)]
+            if let Some(gate) = &self.gate {
+                gate.pass();
             }
             match &mut batch {
                 Some(batch) => self.batched_turn(batch, &mut active, &mut kv),

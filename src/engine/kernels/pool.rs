@@ -132,6 +132,8 @@ fn claim_and_run(shared: &Shared) -> u64 {
         // SAFETY: chunk `index` of this job is claimed and not done, so the job's poster is
         // still waiting and its closure alive (see `JobRef`).
         let job = unsafe { (*shared.job.get()).expect("a posted job") };
+        // Jobs posted from inside a chunk run on the thread that posts them.
+        let _mode = ModeGuard::set(2);
         // SAFETY: as above.
         let run = catch_unwind(AssertUnwindSafe(|| unsafe { (*job)(index) }));
         if run.is_err() {
@@ -211,19 +213,18 @@ pub fn session<R>(f: impl FnOnce() -> R) -> R {
     out
 }
 
-/// Resets [`MODE`] when a session ends, also by a panic.
-struct ModeGuard;
+/// Restores [`MODE`] when a session or a chunk ends, also by a panic.
+struct ModeGuard(u8);
 
 impl ModeGuard {
     fn set(mode: u8) -> ModeGuard {
-        MODE.with(|m| m.set(mode));
-        ModeGuard
+        ModeGuard(MODE.with(|m| m.replace(mode)))
     }
 }
 
 impl Drop for ModeGuard {
     fn drop(&mut self) {
-        MODE.with(|m| m.set(0));
+        MODE.with(|m| m.set(self.0));
     }
 }
 
@@ -318,6 +319,38 @@ mod tests {
             .collect();
         let got: Vec<usize> = hits.iter().map(|h| h.load(Ordering::Relaxed)).collect();
         assert_eq!(got, expected);
+    }
+
+    /// Runs `f` in a session that owns the pool (other tests may hold it for a while).
+    fn owned_session(f: impl Fn()) {
+        loop {
+            let owned = session(|| {
+                let owned = MODE.with(Cell::get) == 1;
+                if owned {
+                    f();
+                }
+                owned
+            });
+            if owned {
+                return;
+            }
+            std::thread::yield_now();
+        }
+    }
+
+    #[test]
+    fn jobs_posted_from_inside_a_chunk_run_whole_on_that_thread() {
+        let hits: Vec<AtomicUsize> = (0..64 * 64).map(|_| AtomicUsize::new(0)).collect();
+        for _ in 0..20 {
+            owned_session(|| {
+                run(64, &|outer| {
+                    run(64, &|inner| {
+                        hits[outer * 64 + inner].fetch_add(1, Ordering::Relaxed);
+                    })
+                })
+            });
+        }
+        assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 20));
     }
 
     #[test]
