@@ -6,7 +6,7 @@ use clap::{Args, ValueEnum};
 
 use super::{parse_size, HubArgs};
 use crate::{
-    engine::{validate_device, Limits, LoadOptions},
+    engine::{validate_device, KvDtype, Limits, LoadOptions},
     manager::{download::DownloadSettings, EngineSettings},
     secret::Secret,
 };
@@ -269,9 +269,21 @@ pub struct EngineArgs {
     /// Data type of weights in memory by default (f32 on CPU: bf16 is much slower there).
     #[arg(long, env = "LMX_DTYPE", value_enum, default_value_t = DtypeArg::F32)]
     pub dtype: DtypeArg,
+
+    /// What the native engine's KV caches store keys and values as: f16 (as llama.cpp) halves
+    /// their memory and the bytes attention reads per token; f32 keeps them exactly as
+    /// computed. Models on candle's code keep their own.
+    #[arg(long, env = "LMX_KV_CACHE_DTYPE", value_enum, default_value_t = KvDtypeArg::F16)]
+    pub kv_cache_dtype: KvDtypeArg,
 }
 
 /// `--dtype` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum KvDtypeArg {
+    F32,
+    F16,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum DtypeArg {
     F32,
@@ -362,6 +374,10 @@ impl EngineArgs {
                 kv_budget: None,
                 prefix_cache: self.prefix_cache,
                 gguf_file: None,
+                kv_cache_dtype: match self.kv_cache_dtype {
+                    KvDtypeArg::F32 => KvDtype::F32,
+                    KvDtypeArg::F16 => KvDtype::F16,
+                },
                 limits: Limits {
                     max_tokens_cap: self.max_tokens as usize,
                     default_max_tokens: self.default_max_tokens as usize,

@@ -42,6 +42,12 @@ pub trait CausalLm: Send {
 
     /// The shared native model, when this is one: its sequences are batched into one forward
     /// pass per step instead of each running its own.
+    /// Sets what the native engine's KV caches store (right after loading); returns their
+    /// bytes per token, or None for a model that is not on the native engine.
+    fn set_kv_dtype(&mut self, _dtype: native::KvDtype) -> Option<u64> {
+        None
+    }
+
     fn native(&self) -> Option<Arc<native::Model>> {
         None
     }

@@ -9,7 +9,9 @@ use candle_core::{quantized::gguf_file, DType};
 use serde_json::Value;
 
 use super::{
-    arch, gguf_file as find_gguf, pytorch_files, read_config, safetensors_files, EngineError,
+    arch, gguf_file as find_gguf,
+    native::{self, KvDtype, NativeConfig, Unsupported},
+    pytorch_files, read_config, safetensors_files, EngineError,
 };
 
 /// A model's memory needs.
@@ -138,7 +140,15 @@ pub fn estimate_memory(
     dtype: Option<DType>,
     device: &str,
 ) -> Result<MemoryEstimate, EngineError> {
-    estimate_memory_of(dir, dtype, device, None)
+    estimate_memory_of(dir, dtype, device, None, KvDtype::default())
+}
+
+/// KV bytes per token when the native engine runs a model of this config (its caches hold
+/// `kv`), else None.
+fn native_kv(config: Result<NativeConfig, Unsupported>, cpu: bool, kv: KvDtype) -> Option<u64> {
+    let mut config = config.ok().filter(|_| cpu && native::enabled())?;
+    config.kv_dtype = kv;
+    Some(native::KvCache::bytes_per_token(&config))
 }
 
 /// [`estimate_memory`] of the GGUF file `gguf_file` (relative to `dir`) when the model is GGUF.
@@ -147,6 +157,7 @@ pub fn estimate_memory_of(
     dtype: Option<DType>,
     device: &str,
     gguf_file: Option<&str>,
+    kv: KvDtype,
 ) -> Result<MemoryEstimate, EngineError> {
     let cpu = device == "cpu";
     let files = safetensors_files(dir)?;
@@ -160,7 +171,8 @@ pub fn estimate_memory_of(
         let config = read_config(dir)?;
         return Ok(MemoryEstimate {
             weights: pytorch_memory(&pytorch, dtype)?,
-            kv_bytes_per_token: kv_bytes_per_token_hf(&config, dtype, cpu),
+            kv_bytes_per_token: native_kv(NativeConfig::from_hf(&config), cpu, kv)
+                .unwrap_or_else(|| kv_bytes_per_token_hf(&config, dtype, cpu)),
             context_length: arch::context_length(&config),
         });
     }
@@ -179,7 +191,8 @@ pub fn estimate_memory_of(
             .map_err(|e| EngineError::Load(format!("reading the GGUF header: {e}")))?;
         return Ok(MemoryEstimate {
             weights,
-            kv_bytes_per_token: kv_bytes_per_token_gguf(&content),
+            kv_bytes_per_token: native_kv(NativeConfig::from_gguf(&content), cpu, kv)
+                .unwrap_or_else(|| kv_bytes_per_token_gguf(&content)),
             context_length: arch::gguf_architecture(&content).1,
         });
     }
@@ -187,7 +200,8 @@ pub fn estimate_memory_of(
     let config = read_config(dir)?;
     Ok(MemoryEstimate {
         weights: weights_memory(&files, dtype)?,
-        kv_bytes_per_token: kv_bytes_per_token_hf(&config, dtype, cpu),
+        kv_bytes_per_token: native_kv(NativeConfig::from_hf(&config), cpu, kv)
+            .unwrap_or_else(|| kv_bytes_per_token_hf(&config, dtype, cpu)),
         context_length: arch::context_length(&config),
     })
 }

@@ -37,6 +37,7 @@ pub use chat::{ChatMessage, ChatTemplate, TemplateLimits};
 pub use device::validate_device;
 pub use embed::Embeddings;
 pub use memory::{estimate_memory, estimate_memory_of, MemoryEstimate};
+pub use native::KvDtype;
 pub use sampling::SamplingParams;
 pub use text::{StopMatcher, StopOutcome, TextStream};
 pub use validation::{Limits, RawParams, ValidParams};
@@ -111,6 +112,8 @@ pub struct LoadOptions {
     pub limits: Limits,
     /// Which GGUF file of the folder to load (a path relative to it); None: the first by name.
     pub gguf_file: Option<String>,
+    /// The element type of the native engine's KV caches (candle's models keep their own).
+    pub kv_cache_dtype: KvDtype,
 }
 
 impl Default for LoadOptions {
@@ -125,6 +128,7 @@ impl Default for LoadOptions {
             prefix_cache: true,
             limits: Limits::default(),
             gguf_file: None,
+            kv_cache_dtype: KvDtype::default(),
         }
     }
 }
@@ -372,7 +376,7 @@ fn read_config(dir: &Path) -> Result<Value, EngineError> {
 
 /// A causal LM loaded from a Hugging Face folder (config.json), with its description.
 fn hf_generator(
-    lm: arch::LoadedLm,
+    mut lm: arch::LoadedLm,
     format: WeightFormat,
     memory_bytes: u64,
     config: &Value,
@@ -381,6 +385,10 @@ fn hf_generator(
     info: tokenizer::TokenizerInfo,
 ) -> (Runner, ModelDescription, tokenizer::TokenizerInfo) {
     let dtype = options.dtype.unwrap_or(DType::F32);
+    let kv_bytes_per_token = lm
+        .model
+        .set_kv_dtype(options.kv_cache_dtype)
+        .unwrap_or_else(|| memory::kv_bytes_per_token_hf(config, dtype, device.is_cpu()));
     let description = ModelDescription {
         kind: ModelKind::Generator,
         architecture: lm.architecture,
@@ -388,7 +396,7 @@ fn hf_generator(
         context_length: lm.context_length,
         memory_bytes,
         kv_cache_bytes: 0,
-        kv_bytes_per_token: memory::kv_bytes_per_token_hf(config, dtype, device.is_cpu()),
+        kv_bytes_per_token,
         dtype,
         device: options.device.clone(),
         has_chat_template: info.chat_template.is_some(),
@@ -434,8 +442,12 @@ pub fn load(
             .map_err(|e| EngineError::Load(format!("reading the GGUF header: {e}")))?;
         let info = tokenizer::load(dir, None, Some(&content))?;
         let memory = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
-        let kv_bytes_per_token = memory::kv_bytes_per_token_gguf(&content);
-        let lm = arch::load_gguf(&path, content, &device)?;
+        let gguf_kv_bytes = memory::kv_bytes_per_token_gguf(&content);
+        let mut lm = arch::load_gguf(&path, content, &device)?;
+        let kv_bytes_per_token = lm
+            .model
+            .set_kv_dtype(options.kv_cache_dtype)
+            .unwrap_or(gguf_kv_bytes);
         let description = ModelDescription {
             kind: ModelKind::Generator,
             architecture: lm.architecture,

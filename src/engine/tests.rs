@@ -989,3 +989,29 @@ fn cuda_engine_batches_concurrent_streams_like_the_cpu_engine() {
     assert!(done.cached_prompt_tokens > 0);
     assert!(gpu.stats().kv_cache_used_bytes > 0);
 }
+
+/// The KV bytes per token the manager budgets before loading equal what the loaded native
+/// model's caches take, for either cache element type (f16 is half of f32).
+#[test]
+fn the_kv_estimate_before_loading_equals_the_loaded_caches() {
+    let dir = tempfile::tempdir().unwrap();
+    tiny::write_model(dir.path(), "llama", 5);
+    let mut per_token = Vec::new();
+    for kv in [KvDtype::F32, KvDtype::F16] {
+        let estimate = estimate_memory_of(dir.path(), None, "cpu", None, kv).unwrap();
+        let engine = load_tiny(
+            dir.path(),
+            &LoadOptions {
+                kv_cache_dtype: kv,
+                ..LoadOptions::default()
+            },
+        );
+        assert_eq!(
+            estimate.kv_bytes_per_token,
+            engine.description().kv_bytes_per_token,
+            "{kv:?}"
+        );
+        per_token.push(estimate.kv_bytes_per_token);
+    }
+    assert_eq!(per_token[0], 2 * per_token[1]);
+}

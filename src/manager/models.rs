@@ -366,6 +366,7 @@ impl Registry {
             .clone()
             .unwrap_or_else(|| self.0.settings.load.device.clone());
         let estimate_device = device.clone();
+        let kv = self.0.settings.load.kv_cache_dtype;
         // Resolve, guard, and size the snapshot off the runtime (blocking file I/O).
         let (snapshot, estimate) =
             tokio::task::spawn_blocking(move || -> Result<_, ManagerError> {
@@ -376,7 +377,7 @@ impl Registry {
                 }
                 let gguf = snapshot.gguf.as_ref().map(|f| f.path.as_str());
                 let estimate =
-                    engine::estimate_memory_of(&snapshot.path, dtype, &estimate_device, gguf)?;
+                    engine::estimate_memory_of(&snapshot.path, dtype, &estimate_device, gguf, kv)?;
                 Ok((snapshot, estimate))
             })
             .await??;

@@ -37,6 +37,27 @@ pub struct NativeConfig {
     pub sliding_window: Option<usize>,
     pub tied_embeddings: bool,
     pub context_length: usize,
+    /// What the KV caches store keys and values as (a serving choice, not the model's).
+    pub kv_dtype: KvDtype,
+}
+
+/// The element type of the KV caches. f16 (llama.cpp's default too) halves their memory and
+/// what attention reads per step; f32 keeps the values exactly as computed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KvDtype {
+    F32,
+    #[default]
+    F16,
+}
+
+impl KvDtype {
+    /// Bytes of one element.
+    pub fn bytes(self) -> usize {
+        match self {
+            KvDtype::F32 => 4,
+            KvDtype::F16 => 2,
+        }
+    }
 }
 
 /// Why a config is not one this forward pass runs (the caller falls back to candle-transformers).
@@ -160,6 +181,7 @@ impl NativeConfig {
                 .and_then(Value::as_u64)
                 .map(|n| n as usize)
                 .unwrap_or(2048),
+            kv_dtype: KvDtype::default(),
             architecture,
         };
         cfg.check()?;
@@ -216,6 +238,7 @@ impl NativeConfig {
             sliding_window: None,
             tied_embeddings: !content.tensor_infos.contains_key("output.weight"),
             context_length: int("context_length").unwrap_or(2048),
+            kv_dtype: KvDtype::default(),
             architecture,
         };
         cfg.check()?;

@@ -22,7 +22,7 @@ use candle_core::{quantized::gguf_file, DType};
 use serde_json::Value;
 
 pub use candle_batched::{CandleCache, CandleLm, CandleModel, CandleStep};
-pub use config::NativeConfig;
+pub use config::{KvDtype, NativeConfig, Unsupported};
 pub use model::{KvCache, Model, Step, Workspace};
 
 use super::{arch::CausalLm, kernels, EngineError};
@@ -123,6 +123,13 @@ impl CausalLm for NativeLm {
 
     fn reset(&mut self) {
         self.cache.truncate(0);
+    }
+
+    fn set_kv_dtype(&mut self, dtype: KvDtype) -> Option<u64> {
+        let model = Arc::get_mut(&mut self.model)?;
+        model.config.kv_dtype = dtype;
+        self.cache = KvCache::new(&model.config, 0);
+        Some(KvCache::bytes_per_token(&model.config))
     }
 
     fn native(&self) -> Option<Arc<Model>> {

@@ -7,6 +7,9 @@ use super::{
     config::NativeConfig,
     weights::{Fused, Linear, Source},
 };
+use half::{f16, slice::HalfFloatSliceExt};
+
+use super::config::KvDtype;
 use crate::engine::kernels::{
     self,
     dense::{self, DenseWeights},
@@ -43,8 +46,8 @@ pub struct Model {
 pub struct KvCache {
     capacity: usize,
     len: usize,
-    keys: Vec<f32>,
-    values: Vec<f32>,
+    keys: KvData,
+    values: KvData,
     head_dim: usize,
     kv_heads: usize,
     layers: usize,
@@ -57,8 +60,8 @@ impl KvCache {
             capacity,
             len: 0,
             // Zeroed pages from the OS: memory beyond what the sequence reaches stays untouched.
-            keys: vec![0.0; size],
-            values: vec![0.0; size],
+            keys: KvData::zeroed(config.kv_dtype, size),
+            values: KvData::zeroed(config.kv_dtype, size),
             head_dim: config.head_dim,
             kv_heads: config.kv_heads,
             layers: config.layers,
@@ -87,12 +90,12 @@ impl KvCache {
 
     /// Bytes its buffers take (allocated for the whole capacity).
     pub fn bytes(&self) -> u64 {
-        ((self.keys.len() + self.values.len()) * std::mem::size_of::<f32>()) as u64
+        (self.keys.bytes() + self.values.bytes()) as u64
     }
 
     /// Bytes one cached position takes for `config`.
     pub fn bytes_per_token(config: &NativeConfig) -> u64 {
-        (2 * config.layers * config.kv_heads * config.head_dim * std::mem::size_of::<f32>()) as u64
+        (2 * config.layers * config.kv_heads * config.head_dim * config.kv_dtype.bytes()) as u64
     }
 
     /// Replaces this cache's contents with the first `n` positions of `other` (a prefix that
@@ -117,8 +120,8 @@ impl KvCache {
         let heads = self.layers * self.kv_heads;
         for h in 0..heads {
             let (dst, src) = (h * self.capacity * hd, h * other.capacity * hd);
-            self.keys[dst..dst + n * hd].copy_from_slice(&other.keys[src..src + n * hd]);
-            self.values[dst..dst + n * hd].copy_from_slice(&other.values[src..src + n * hd]);
+            self.keys.copy_from(dst, &other.keys, src, n * hd);
+            self.values.copy_from(dst, &other.values, src, n * hd);
         }
         self.len = n;
     }
@@ -129,8 +132,8 @@ impl KvCache {
         let mut out = KvCache {
             capacity: self.len,
             len: 0,
-            keys: vec![0.0; size],
-            values: vec![0.0; size],
+            keys: KvData::zeroed(self.keys.dtype(), size),
+            values: KvData::zeroed(self.values.dtype(), size),
             head_dim: self.head_dim,
             kv_heads: self.kv_heads,
             layers: self.layers,
@@ -141,6 +144,83 @@ impl KvCache {
 
     fn head_offset(&self, layer: usize, head: usize) -> usize {
         (layer * self.kv_heads + head) * self.capacity * self.head_dim
+    }
+}
+
+/// The keys or the values of a cache, in its element type.
+enum KvData {
+    F32(Vec<f32>),
+    F16(Vec<f16>),
+}
+
+impl KvData {
+    fn zeroed(dtype: KvDtype, len: usize) -> KvData {
+        match dtype {
+            KvDtype::F32 => KvData::F32(vec![0.0; len]),
+            KvDtype::F16 => KvData::F16(vec![f16::ZERO; len]),
+        }
+    }
+
+    fn dtype(&self) -> KvDtype {
+        match self {
+            KvData::F32(_) => KvDtype::F32,
+            KvData::F16(_) => KvDtype::F16,
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        match self {
+            KvData::F32(v) => std::mem::size_of_val(v.as_slice()),
+            KvData::F16(v) => std::mem::size_of_val(v.as_slice()),
+        }
+    }
+
+    /// Stores `row` from element `at` on.
+    fn write(&mut self, at: usize, row: &[f32]) {
+        match self {
+            KvData::F32(v) => v[at..at + row.len()].copy_from_slice(row),
+            KvData::F16(v) => v[at..at + row.len()].convert_from_f32_slice(row),
+        }
+    }
+
+    /// Copies `len` elements of `other` from `src` to `dst` (caches of one model: one type).
+    fn copy_from(&mut self, dst: usize, other: &KvData, src: usize, len: usize) {
+        match (self, other) {
+            (KvData::F32(a), KvData::F32(b)) => {
+                a[dst..dst + len].copy_from_slice(&b[src..src + len])
+            }
+            (KvData::F16(a), KvData::F16(b)) => {
+                a[dst..dst + len].copy_from_slice(&b[src..src + len])
+            }
+            _ => panic!("copying between caches of different element types"),
+        }
+    }
+
+    /// `range` as the dense kernels read it.
+    fn dense(&self, range: std::ops::Range<usize>) -> DenseWeights<'_> {
+        match self {
+            KvData::F32(v) => DenseWeights::F32(&v[range]),
+            KvData::F16(v) => DenseWeights::F16(&v[range]),
+        }
+    }
+
+    /// `range` in f32: itself, or widened into `buf`.
+    fn f32<'a>(&'a self, range: std::ops::Range<usize>, buf: &'a mut [f32]) -> &'a [f32] {
+        match self {
+            KvData::F32(v) => &v[range],
+            KvData::F16(v) => {
+                let out = &mut buf[..range.len()];
+                v[range].convert_to_f32_slice(out);
+                out
+            }
+        }
+    }
+
+    fn prefetch(&self, range: std::ops::Range<usize>) {
+        match self {
+            KvData::F32(v) => kernels::prefetch(&v[range]),
+            KvData::F16(v) => kernels::prefetch(&v[range]),
+        }
     }
 }
 
@@ -458,10 +538,13 @@ impl Model {
             grow(&mut ws.att_q, rows * hd);
             grow(&mut ws.scores, rows * kv_len);
             grow(&mut ws.att_out, rows * hd);
+            let widened = self.widened(s);
+            grow(&mut ws.tmp, widened);
             let bufs = AttentionBuffers {
                 q: &mut ws.att_q[..rows * hd],
                 scores: &mut ws.scores[..rows * kv_len],
                 out: &mut ws.att_out[..rows * hd],
+                vals: &mut ws.tmp[..widened],
             };
             self.prefetch_cache(layer, s);
             self.attention(layer, s.cache, qkv, attn, bufs);
@@ -491,11 +574,19 @@ impl Model {
         });
     }
 
+    /// The f32 values [`Model::attention`] widens a key/value head's values to for step `s`.
+    fn widened(&self, s: &Step<'_>) -> usize {
+        match s.cache.values.dtype() {
+            KvDtype::F32 => 0,
+            KvDtype::F16 => (s.cache.len + s.tokens.len()) * self.config.head_dim,
+        }
+    }
+
     /// The buffers [`Model::attention`] takes for step `s`.
     fn attention_floats(&self, s: &Step<'_>) -> usize {
         let c = &self.config;
         let n = s.tokens.len();
-        n * (c.heads / c.kv_heads) * (2 * c.head_dim + s.cache.len + n)
+        n * (c.heads / c.kv_heads) * (2 * c.head_dim + s.cache.len + n) + self.widened(s)
     }
 
     /// [`Model::attention`] of consecutive `steps`, whose rows of the call's q/k/v and
@@ -528,12 +619,18 @@ impl Model {
             let (q, rest) = std::mem::take(&mut tmp).split_at_mut(rows * hd);
             let (out, rest) = rest.split_at_mut(rows * hd);
             let (scores, rest) = rest.split_at_mut(rows * kv_len);
+            let (vals, rest) = rest.split_at_mut(self.widened(s));
             tmp = rest;
             let (step_qkv, rest) = qkv.split_at(n * qkv_w);
             qkv = rest;
             let (step_attn, rest) = std::mem::take(&mut attn).split_at_mut(n * q_dim);
             attn = rest;
-            let bufs = AttentionBuffers { q, scores, out };
+            let bufs = AttentionBuffers {
+                q,
+                scores,
+                out,
+                vals,
+            };
             self.attention(layer, s.cache, step_qkv, step_attn, bufs);
         }
     }
@@ -545,12 +642,12 @@ impl Model {
         let cache = &*s.cache;
         let hd = cache.head_dim;
         let kv_len = cache.len + s.tokens.len();
-        let mut budget = 64 * 1024 / std::mem::size_of::<f32>();
+        let mut budget = 64 * 1024 / cache.keys.dtype().bytes();
         for g in 0..cache.kv_heads {
             let off = cache.head_offset(layer, g);
             let live = (kv_len * hd).min(budget / 2);
-            kernels::prefetch(&cache.keys[off..off + live]);
-            kernels::prefetch(&cache.values[off..off + live]);
+            cache.keys.prefetch(off..off + live);
+            cache.values.prefetch(off..off + live);
             budget -= 2 * live;
             if budget < 2 {
                 break;
@@ -585,8 +682,8 @@ impl Model {
                 let k = &row[q_dim + g * hd..q_dim + (g + 1) * hd];
                 let v = &row[q_dim + kv_dim + g * hd..q_dim + kv_dim + (g + 1) * hd];
                 let at = off + (start + i) * hd..off + (start + i + 1) * hd;
-                cache.keys[at.clone()].copy_from_slice(k);
-                cache.values[at].copy_from_slice(v);
+                cache.keys.write(at.start, k);
+                cache.values.write(at.start, v);
             }
         }
         let rows = n * group;
@@ -594,6 +691,7 @@ impl Model {
             q: att_q,
             scores,
             out: att_out,
+            vals,
         } = bufs;
         let scale = 1.0 / (hd as f32).sqrt();
         for g in 0..c.kv_heads {
@@ -614,8 +712,8 @@ impl Model {
                 &att_q[..rows * hd]
             };
             let off = cache.head_offset(layer, g);
-            let keys = &cache.keys[off..off + kv_len * hd];
-            dense::matmul(DenseWeights::F32(keys), kv_len, hd, q, rows, scores);
+            let keys = cache.keys.dense(off..off + kv_len * hd);
+            dense::matmul(keys, kv_len, hd, q, rows, scores);
             for i in 0..n {
                 let pos = start + i;
                 let lo = c.sliding_window.map_or(0, |w| (pos + 1).saturating_sub(w));
@@ -629,7 +727,7 @@ impl Model {
                 }
             }
             // out = P · V, the values read once, front to back.
-            let values = &cache.values[off..off + kv_len * hd];
+            let values = cache.values.f32(off..off + kv_len * hd, vals);
             let out = if n == 1 {
                 &mut attn[heads]
             } else {
@@ -657,6 +755,8 @@ struct AttentionBuffers<'a> {
     q: &'a mut [f32],
     scores: &'a mut [f32],
     out: &'a mut [f32],
+    /// A key/value head's values widened to f32 (an f16 cache; empty for an f32 one).
+    vals: &'a mut [f32],
 }
 
 impl std::fmt::Debug for Model {

@@ -63,9 +63,11 @@ fn worst(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
 
 fn native_and_candle(dir: &Path) -> (Box<dyn CausalLm>, Box<dyn CausalLm>) {
     let config = read_config(dir);
-    let native = load_safetensors(&config, &weights(dir), DType::F32)
+    let mut native = load_safetensors(&config, &weights(dir), DType::F32)
         .unwrap()
         .expect("the native path runs this config");
+    // candle's caches hold f32.
+    native.config.kv_dtype = KvDtype::F32;
     let candle = arch::load_candle_safetensors(&config, &weights(dir), DType::F32, &Device::Cpu)
         .unwrap()
         .model;
@@ -141,7 +143,15 @@ fn gguf_llamas_match_candles_quantized_llama() {
             config.rope_style,
             crate::engine::kernels::ops::RopeStyle::Interleaved
         );
-        let native = load_gguf(config, &path, content()).unwrap();
+        let native = load_gguf(
+            NativeConfig {
+                kv_dtype: KvDtype::F32,
+                ..config
+            },
+            &path,
+            content(),
+        )
+        .unwrap();
         let mut native = NativeLm::base(native).fork(64).unwrap();
         let mut candle = arch::load_candle_gguf(&path, content(), &Device::Cpu)
             .unwrap()
@@ -160,9 +170,10 @@ fn tiny_model(arch: &str) -> (tempfile::TempDir, Model) {
     let dir = tempfile::tempdir().unwrap();
     tiny::write_model(dir.path(), arch, 21);
     let config = read_config(dir.path());
-    let model = load_safetensors(&config, &weights(dir.path()), DType::F32)
+    let mut model = load_safetensors(&config, &weights(dir.path()), DType::F32)
         .unwrap()
         .unwrap();
+    model.config.kv_dtype = KvDtype::F32;
     (dir, model)
 }
 
@@ -395,5 +406,32 @@ fn many_sequences_of_a_quantized_gguf_in_one_call_equal_separate_calls() {
     for i in 0..count {
         let err = worst(&together[i], &alone[i]);
         assert!(err < 1e-5, "sequence {i}: {err}");
+    }
+}
+
+/// An f16 KV cache (the serving default) against an f32 one on the same weights: half the
+/// bytes, logits within f16 rounding of the keys and values, and the same greedy tokens.
+#[test]
+fn an_f16_kv_cache_halves_the_memory_and_keeps_the_logits() {
+    for arch in ["llama", "qwen2"] {
+        let dir = tempfile::tempdir().unwrap();
+        tiny::write_model(dir.path(), arch, 31);
+        let config = read_config(dir.path());
+        let load = |kv| {
+            let mut model = load_safetensors(&config, &weights(dir.path()), DType::F32)
+                .unwrap()
+                .unwrap();
+            model.config.kv_dtype = kv;
+            let bytes = KvCache::bytes_per_token(&model.config);
+            (NativeLm::base(model).fork(64).unwrap(), bytes)
+        };
+        let ((mut wide, wide_bytes), (mut half, half_bytes)) =
+            (load(KvDtype::F32), load(KvDtype::F16));
+        assert_eq!(wide_bytes, 2 * half_bytes);
+        let (a, b) = (run(wide.as_mut(), 8), run(half.as_mut(), 8));
+        let err = worst(&a, &b);
+        assert!(err < 1e-2, "{arch}: worst relative logit difference {err}");
+        let tokens = |l: &[Vec<f32>]| l.iter().map(|r| argmax(r)).collect::<Vec<_>>();
+        assert_eq!(tokens(&a), tokens(&b), "{arch}");
     }
 }

@@ -12,7 +12,7 @@ use serde_json::Value;
 use super::*;
 use crate::engine::{
     arch::CausalLm,
-    native::{self, KvCache, NativeLm, Step, Workspace},
+    native::{self, KvCache, KvDtype, NativeConfig, NativeLm, Step, Workspace},
 };
 use crate::testing::tiny;
 
@@ -70,9 +70,11 @@ fn worst(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
 }
 
 fn native_lm(dir: &Path, capacity: usize) -> Box<dyn CausalLm> {
-    let model = native::load_safetensors(&read_config(dir), &weights(dir), DType::F32)
+    let mut model = native::load_safetensors(&read_config(dir), &weights(dir), DType::F32)
         .unwrap()
         .expect("the native path runs this config");
+    // candle's caches hold f32.
+    model.config.kv_dtype = KvDtype::F32;
     NativeLm::base(model).fork(capacity).unwrap()
 }
 
@@ -156,7 +158,15 @@ fn gguf_models(
     let content = || gguf_file::Content::read(&mut std::fs::File::open(&path).unwrap()).unwrap();
     let config = NativeConfig::from_gguf(&content()).expect("native GGUF llama");
     assert_eq!(config.rope_style, RopeStyle::Interleaved);
-    let native = native::load_gguf(config.clone(), &path, content()).unwrap();
+    let native = native::load_gguf(
+        NativeConfig {
+            kv_dtype: KvDtype::F32,
+            ..config.clone()
+        },
+        &path,
+        content(),
+    )
+    .unwrap();
     let native = NativeLm::base(native).fork(64).unwrap();
     let candle = CandleModel::load_gguf(config, &path, content(), device).unwrap();
     let candle = CandleLm::base(candle).fork(64).unwrap();
