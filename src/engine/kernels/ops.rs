@@ -264,6 +264,114 @@ fn weighted_run<const R: usize>(
     }
 }
 
+/// [`weighted_rows`] over f16 values (an f16 KV cache), each widened as it is read. Returns
+/// false, doing nothing, where no kernel reads f16 directly (no AVX-512, or `width` not a
+/// multiple of 16): the caller widens the values and calls [`weighted_rows`].
+pub fn weighted_rows_f16(
+    p: &[f32],
+    stride: usize,
+    rows: usize,
+    v: &[half::f16],
+    len: usize,
+    width: usize,
+    out: &mut [f32],
+) -> bool {
+    assert!(
+        len <= stride || rows <= 1,
+        "weights of {len} positions in rows of {stride}"
+    );
+    assert!(
+        rows == 0 || p.len() >= (rows - 1) * stride + len,
+        "weights are short"
+    );
+    assert!(
+        v.len() >= len * width && out.len() >= rows * width,
+        "values or output short"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if Isa::detect() == Isa::Avx512 && width % 16 == 0 {
+        // SAFETY: the CPU has AVX-512 F/BW/VL/DQ (Isa::detect), which implies F16C here
+        // (detected with them); sizes were checked above.
+        unsafe { weighted_f16::rows(p, stride, rows, v, len, width, out) };
+        return true;
+    }
+    false
+}
+
+#[cfg(target_arch = "x86_64")]
+mod weighted_f16 {
+    use std::arch::x86_64::*;
+
+    /// # Safety
+    /// AVX-512 F and F16C; `width % 16 == 0`; sizes as [`super::weighted_rows_f16`] checks.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
+    pub(super) unsafe fn rows(
+        p: &[f32],
+        stride: usize,
+        rows: usize,
+        v: &[half::f16],
+        len: usize,
+        width: usize,
+        out: &mut [f32],
+    ) {
+        let mut r = 0;
+        while r < rows {
+            let n = (rows - r).min(4);
+            let mut d = 0;
+            while d < width {
+                let c = ((width - d) / 16).min(4);
+                macro_rules! go {
+                    ($($n:literal $c:literal),*) => {
+                        match (n, c) {
+                            $(($n, $c) => run::<$n, $c>(p, stride, r, v, len, width, d, out),)*
+                            _ => unreachable!(),
+                        }
+                    };
+                }
+                go!(1 1, 1 2, 1 3, 1 4, 2 1, 2 2, 2 3, 2 4, 3 1, 3 2, 3 3, 3 4, 4 1, 4 2, 4 3, 4 4);
+                d += 16 * c;
+            }
+            r += n;
+        }
+    }
+
+    /// Columns `d..d + 16C` of output rows `r..r + R`: the value rows read once, in order.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn run<const R: usize, const C: usize>(
+        p: &[f32],
+        stride: usize,
+        r: usize,
+        v: &[half::f16],
+        len: usize,
+        width: usize,
+        d: usize,
+        out: &mut [f32],
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); C]; R];
+        let base = v.as_ptr().cast::<u16>();
+        for j in 0..len {
+            let row = base.add(j * width + d);
+            let mut x = [_mm512_setzero_ps(); C];
+            for (c, x) in x.iter_mut().enumerate() {
+                *x = _mm512_cvtph_ps(_mm256_loadu_si256(row.add(16 * c).cast()));
+            }
+            for (i, acc) in acc.iter_mut().enumerate() {
+                let w = _mm512_set1_ps(*p.get_unchecked((r + i) * stride + j));
+                for (acc, x) in acc.iter_mut().zip(&x) {
+                    *acc = _mm512_fmadd_ps(w, *x, *acc);
+                }
+            }
+        }
+        for (i, acc) in acc.iter().enumerate() {
+            let o = out.as_mut_ptr().add((r + i) * width + d);
+            for (c, acc) in acc.iter().enumerate() {
+                _mm512_storeu_ps(o.add(16 * c), *acc);
+            }
+        }
+    }
+}
+
 /// How a model pairs the dimensions it rotates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RopeStyle {
@@ -346,6 +454,51 @@ mod tests {
             let expected: Vec<f32> = Tensor::from_vec(used, (rows, len), &Device::Cpu)
                 .unwrap()
                 .matmul(&Tensor::from_vec(v.clone(), (len, width), &Device::Cpu).unwrap())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            for (i, (a, b)) in out.iter().zip(&expected).enumerate() {
+                assert!(
+                    (a - b).abs() <= 1e-5 * (1.0 + b.abs()) * len as f32,
+                    "{rows}×{len}×{width} [{i}]: {a} vs {b}"
+                );
+            }
+        }
+    }
+
+    /// The f16 kernel against candle's matmul of the weights with the f16 values widened
+    /// (where it runs; elsewhere it must decline and leave the output alone).
+    #[test]
+    fn weighted_rows_f16_match_candle() {
+        for (rows, len, width) in [
+            (1, 1, 64),
+            (3, 37, 64),
+            (4, 5, 128),
+            (5, 70, 80),
+            (9, 16, 16),
+            (2, 133, 96),
+        ] {
+            let stride = len + 3;
+            let p = random(rows * stride, 5);
+            let v: Vec<half::f16> = random(len * width, 6)
+                .into_iter()
+                .map(half::f16::from_f32)
+                .collect();
+            let mut out = vec![f32::NAN; rows * width];
+            if !weighted_rows_f16(&p, stride, rows, &v, len, width, &mut out) {
+                assert!(Isa::detect() != Isa::Avx512 || width % 16 != 0);
+                assert!(out.iter().all(|v| v.is_nan()));
+                continue;
+            }
+            let used: Vec<f32> = (0..rows)
+                .flat_map(|r| p[r * stride..r * stride + len].to_vec())
+                .collect();
+            let wide: Vec<f32> = v.iter().map(|v| v.to_f32()).collect();
+            let expected: Vec<f32> = Tensor::from_vec(used, (rows, len), &Device::Cpu)
+                .unwrap()
+                .matmul(&Tensor::from_vec(wide, (len, width), &Device::Cpu).unwrap())
                 .unwrap()
                 .flatten_all()
                 .unwrap()

@@ -204,14 +204,28 @@ impl KvData {
         }
     }
 
-    /// `range` in f32: itself, or widened into `buf`.
-    fn f32<'a>(&'a self, range: std::ops::Range<usize>, buf: &'a mut [f32]) -> &'a [f32] {
+    /// `out = P · V` ([`ops::weighted_rows`]) for the `rows` rows of `p` (each as long as the
+    /// `range` holds rows of `width`) and the values in `range`; f16 ones read directly where a
+    /// kernel does, else widened into `buf` first.
+    fn weighted_rows(
+        &self,
+        range: std::ops::Range<usize>,
+        p: &[f32],
+        rows: usize,
+        width: usize,
+        out: &mut [f32],
+        buf: &mut [f32],
+    ) {
+        let len = range.len() / width;
         match self {
-            KvData::F32(v) => &v[range],
+            KvData::F32(v) => ops::weighted_rows(p, len, rows, &v[range], len, width, out),
             KvData::F16(v) => {
-                let out = &mut buf[..range.len()];
-                v[range].convert_to_f32_slice(out);
-                out
+                let v = &v[range];
+                if !ops::weighted_rows_f16(p, len, rows, v, len, width, out) {
+                    let wide = &mut buf[..v.len()];
+                    v.convert_to_f32_slice(wide);
+                    ops::weighted_rows(p, len, rows, wide, len, width, out);
+                }
             }
         }
     }
@@ -727,13 +741,15 @@ impl Model {
                 }
             }
             // out = P · V, the values read once, front to back.
-            let values = cache.values.f32(off..off + kv_len * hd, vals);
             let out = if n == 1 {
                 &mut attn[heads]
             } else {
                 &mut att_out[..]
             };
-            ops::weighted_rows(scores, kv_len, rows, values, kv_len, hd, out);
+            let values = off..off + kv_len * hd;
+            cache
+                .values
+                .weighted_rows(values, scores, rows, hd, out, vals);
             if n == 1 {
                 continue;
             }
