@@ -289,7 +289,7 @@ pub fn weighted_rows_f16(
         "values or output short"
     );
     #[cfg(target_arch = "x86_64")]
-    if Isa::detect() == Isa::Avx512 && width % 16 == 0 {
+    if Isa::detect() == Isa::Avx512 && width.is_multiple_of(16) {
         // SAFETY: the CPU has AVX-512 F/BW/VL/DQ (Isa::detect), which implies F16C here
         // (detected with them); sizes were checked above.
         unsafe { weighted_f16::rows(p, stride, rows, v, len, width, out) };
