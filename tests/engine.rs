@@ -732,17 +732,24 @@ async fn a_full_memory_budget_evicts_the_least_recently_used_idle_model() {
     let mut c = clients(&server).await;
     load(&mut c.admin, "tiny/busy1", None).await.unwrap();
     load(&mut c.admin, "tiny/busy2", None).await.unwrap();
+    // Each busy model has many long requests queued behind its two running ones (thousands of
+    // decode steps in all), so it stays busy long after the load below however fast the
+    // tiny model decodes.
     let mut streams = Vec::new();
     for model in ["tiny/busy1", "tiny/busy2"] {
-        let mut s = c
-            .inference
-            .clone()
-            .generate(generate_request(model, "x", params(450)))
-            .await
-            .unwrap()
-            .into_inner();
-        s.next().await.unwrap().unwrap();
-        streams.push(s);
+        for i in 0..16 {
+            let mut s = c
+                .inference
+                .clone()
+                .generate(generate_request(model, "x", params(450)))
+                .await
+                .unwrap()
+                .into_inner();
+            if i == 0 {
+                s.next().await.unwrap().unwrap();
+            }
+            streams.push(s);
+        }
     }
     let err = load(&mut c.admin, "tiny/b", None).await.unwrap_err();
     assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
