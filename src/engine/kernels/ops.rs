@@ -289,18 +289,13 @@ pub fn weighted_rows_f16(
         "values or output short"
     );
     #[cfg(target_arch = "x86_64")]
-    if weighted_rows_f16_direct(width) {
+    if Isa::detect() == Isa::Avx512 && width.is_multiple_of(16) {
         // SAFETY: the CPU has AVX-512 F/BW/VL/DQ (Isa::detect), which implies F16C here
         // (detected with them); sizes were checked above.
         unsafe { weighted_f16::rows(p, stride, rows, v, len, width, out) };
         return true;
     }
     false
-}
-
-/// Whether [`weighted_rows_f16`] reads f16 values of rows of `width` directly here.
-pub fn weighted_rows_f16_direct(width: usize) -> bool {
-    cfg!(target_arch = "x86_64") && Isa::detect() == Isa::Avx512 && width.is_multiple_of(16)
 }
 
 #[cfg(target_arch = "x86_64")]

@@ -229,6 +229,13 @@ impl KvData {
             }
         }
     }
+
+    fn prefetch(&self, range: std::ops::Range<usize>) {
+        match self {
+            KvData::F32(v) => kernels::prefetch(&v[range]),
+            KvData::F16(v) => kernels::prefetch(&v[range]),
+        }
+    }
 }
 
 /// One sequence's part of a forward call.
@@ -250,6 +257,9 @@ pub struct Workspace {
     act: Vec<f32>,
     cos: Vec<f32>,
     sin: Vec<f32>,
+    att_q: Vec<f32>,
+    scores: Vec<f32>,
+    att_out: Vec<f32>,
     last: Vec<f32>,
     tmp: Vec<f32>,
     /// Logits of each step's last token, `steps × vocab`.
@@ -520,11 +530,10 @@ impl Model {
         Ok(())
     }
 
-    /// Attention of every step: stores the steps' new keys and values, then computes each
-    /// step's attention as independent items, one per key/value head and block of at most
-    /// [`ATTENTION_BLOCK`] of its tokens, shared among the kernel pool's threads. (Items, not
-    /// whole sequences: a long prompt's chunk among decode steps is most of the work, and its
-    /// heads and token blocks keep both cores busy.)
+    /// Attention of every step (see [`Model::attention`]). One step runs on the calling thread
+    /// with the workspace's buffers; several are shared among the kernel pool's threads in runs of
+    /// consecutive steps (each sequence's attention is a chain of small products, too small to
+    /// split further), each step with its own part of `ws.tmp` as buffers.
     fn attention_all(
         &self,
         layer: usize,
@@ -535,150 +544,235 @@ impl Model {
         let c = &self.config;
         let (hd, group) = (c.head_dim, c.heads / c.kv_heads);
         let (q_dim, kv_dim) = (c.heads * hd, c.kv_heads * hd);
-        let qkv_w = q_dim + 2 * kv_dim;
-        let qkv = &ws.qkv[..total * qkv_w];
-        // The new keys and values first: every item of a step reads them.
-        let mut t = 0;
-        for s in steps.iter_mut() {
-            let start = s.cache.len;
-            for i in 0..s.tokens.len() {
-                let row = &qkv[(t + i) * qkv_w..(t + i + 1) * qkv_w];
-                for g in 0..c.kv_heads {
-                    let at = s.cache.head_offset(layer, g) + (start + i) * hd;
-                    s.cache
-                        .keys
-                        .write(at, &row[q_dim + g * hd..q_dim + (g + 1) * hd]);
-                    s.cache.values.write(
-                        at,
-                        &row[q_dim + kv_dim + g * hd..q_dim + kv_dim + (g + 1) * hd],
-                    );
-                }
-            }
-            t += s.tokens.len();
-        }
-        // The items and their buffers.
-        let widen =
-            matches!(self.config.kv_dtype, KvDtype::F16) && !ops::weighted_rows_f16_direct(hd);
-        let mut shapes = Vec::new();
-        let mut need = 0;
-        let mut t = 0;
-        for (si, s) in steps.iter().enumerate() {
+        let qkv = &ws.qkv[..total * (q_dim + 2 * kv_dim)];
+        let attn = &mut ws.attn[..total * q_dim];
+        if let [s] = steps {
             let n = s.tokens.len();
-            for g in 0..c.kv_heads {
-                let mut i0 = 0;
-                while i0 < n {
-                    let i1 = (i0 + ATTENTION_BLOCK).min(n);
-                    let (rows, kv_len) = ((i1 - i0) * group, s.cache.len + i1);
-                    let floats =
-                        2 * rows * hd + rows * kv_len + if widen { kv_len * hd } else { 0 };
-                    shapes.push((si, t, g, i0, i1, floats));
-                    need += floats;
-                    i0 = i1;
-                }
-            }
-            t += n;
+            let (rows, kv_len) = (n * group, s.cache.len + n);
+            grow(&mut ws.att_q, rows * hd);
+            grow(&mut ws.scores, rows * kv_len);
+            grow(&mut ws.att_out, rows * hd);
+            let widened = self.widened(s);
+            grow(&mut ws.tmp, widened);
+            let bufs = AttentionBuffers {
+                q: &mut ws.att_q[..rows * hd],
+                scores: &mut ws.scores[..rows * kv_len],
+                out: &mut ws.att_out[..rows * hd],
+                vals: &mut ws.tmp[..widened],
+            };
+            self.prefetch_cache(layer, s);
+            self.attention(layer, s.cache, qkv, attn, bufs);
+            return;
         }
+        let need: usize = steps.iter().map(|s| self.attention_floats(s)).sum();
         grow(&mut ws.tmp, need);
-        let out = kernels::SyncPtr(ws.attn.as_mut_ptr());
-        assert!(ws.attn.len() >= total * q_dim);
-        let mut tmp = &mut ws.tmp[..need];
-        let mut items = Vec::with_capacity(shapes.len());
-        for &(si, t, g, i0, i1, floats) in &shapes {
-            let (buf, rest) = std::mem::take(&mut tmp).split_at_mut(floats);
+        // Runs of consecutive steps, about two per thread, each with its rows of q/k/v, of the
+        // outputs and of `tmp`.
+        let run = steps.len().div_ceil(2 * kernels::pool::threads()).max(1);
+        let qkv_w = q_dim + 2 * kv_dim;
+        let mut runs = Vec::with_capacity(steps.len().div_ceil(run));
+        let (mut qkv, mut attn, mut tmp) = (qkv, attn, &mut ws.tmp[..need]);
+        for part in steps.chunks_mut(run) {
+            let tokens: usize = part.iter().map(|s| s.tokens.len()).sum();
+            let floats: usize = part.iter().map(|s| self.attention_floats(s)).sum();
+            let (q, rest) = qkv.split_at(tokens * qkv_w);
+            qkv = rest;
+            let (a, rest) = std::mem::take(&mut attn).split_at_mut(tokens * q_dim);
+            attn = rest;
+            let (t, rest) = std::mem::take(&mut tmp).split_at_mut(floats);
             tmp = rest;
-            items.push(HeadItem {
-                cache: &*steps[si].cache,
-                qkv: &qkv[t * qkv_w..],
-                first_token: t,
-                g,
-                tokens: i0..i1,
-                buf,
-            });
+            runs.push((part, q, a, t));
         }
-        kernels::pool::for_each_mut(&mut items, |item| {
-            // SAFETY: each item writes only its own tokens' columns of its own heads (see
-            // `attend`), within `ws.attn`, whose length was checked above.
-            unsafe { self.attend(layer, item, out) }
+        kernels::pool::for_each_mut(&mut runs, |(part, q, a, t)| {
+            self.attention_run(layer, part, q, a, t)
         });
     }
 
-    /// One [`HeadItem`]: for its tokens, the scores of the group's query heads against the
-    /// cached keys as one product, masked and softmaxed, then summed over the values as a
-    /// second product, into the heads' columns of the tokens' attention rows.
-    ///
-    /// # Safety
-    /// `out` points to the call's attention rows (`tokens × q_dim`); no other item has this
-    /// item's (token, head) pairs.
-    unsafe fn attend(&self, layer: usize, item: &mut HeadItem<'_>, out: kernels::SyncPtr<f32>) {
+    /// The f32 values [`Model::attention`] widens a key/value head's values to for step `s`.
+    fn widened(&self, s: &Step<'_>) -> usize {
+        match s.cache.values.dtype() {
+            KvDtype::F32 => 0,
+            KvDtype::F16 => (s.cache.len + s.tokens.len()) * self.config.head_dim,
+        }
+    }
+
+    /// The buffers [`Model::attention`] takes for step `s`.
+    fn attention_floats(&self, s: &Step<'_>) -> usize {
+        let c = &self.config;
+        let n = s.tokens.len();
+        n * (c.heads / c.kv_heads) * (2 * c.head_dim + s.cache.len + n) + self.widened(s)
+    }
+
+    /// [`Model::attention`] of consecutive `steps`, whose rows of the call's q/k/v and
+    /// attention outputs are `qkv` and `attn`, with buffers from `tmp`
+    /// ([`Model::attention_floats`] per step), one after the other, each step's keys and
+    /// values fetched while the one before computes.
+    fn attention_run(
+        &self,
+        layer: usize,
+        steps: &mut [Step<'_>],
+        qkv: &[f32],
+        attn: &mut [f32],
+        mut tmp: &mut [f32],
+    ) {
         let c = &self.config;
         let (hd, group) = (c.head_dim, c.heads / c.kv_heads);
         let (q_dim, kv_dim) = (c.heads * hd, c.kv_heads * hd);
         let qkv_w = q_dim + 2 * kv_dim;
-        let cache = item.cache;
-        let g = item.g;
-        // Positions of this step's first token and of the block's tokens.
-        let start = cache.len;
-        let (i0, i1) = (item.tokens.start, item.tokens.end);
-        let (n, kv_len) = (i1 - i0, start + i1);
-        let rows = n * group;
-        let (q, rest) = item.buf.split_at_mut(rows * hd);
-        let (att_out, rest) = rest.split_at_mut(rows * hd);
-        let (scores, vals) = rest.split_at_mut(rows * kv_len);
-        // The queries of the group's heads, row (token i, head h) = i·group + h.
-        for i in 0..n {
-            let row = &item.qkv[(i0 + i) * qkv_w..];
-            let heads = g * group * hd..(g + 1) * group * hd;
-            q[i * group * hd..(i + 1) * group * hd].copy_from_slice(&row[heads]);
+        if let Some(s) = steps.first() {
+            self.prefetch_cache(layer, s);
         }
-        let off = cache.head_offset(layer, g);
-        let keys = cache.keys.dense(off..off + kv_len * hd);
-        dense::matmul(keys, kv_len, hd, q, rows, scores);
-        let scale = 1.0 / (hd as f32).sqrt();
-        for i in 0..n {
-            let pos = start + i0 + i;
-            let lo = c.sliding_window.map_or(0, |w| (pos + 1).saturating_sub(w));
-            for h in 0..group {
-                let row = &mut scores[(i * group + h) * kv_len..(i * group + h + 1) * kv_len];
-                row[..lo].iter_mut().for_each(|v| *v = 0.0);
-                row[pos + 1..].iter_mut().for_each(|v| *v = 0.0);
-                let live = &mut row[lo..=pos];
-                live.iter_mut().for_each(|v| *v *= scale);
-                ops::softmax(live);
+        let (mut qkv, mut attn) = (qkv, attn);
+        for i in 0..steps.len() {
+            if let Some(next) = steps.get(i + 1) {
+                self.prefetch_cache(layer, next);
+            }
+            let s = &mut steps[i];
+            let n = s.tokens.len();
+            let (rows, kv_len) = (n * group, s.cache.len + n);
+            let (q, rest) = std::mem::take(&mut tmp).split_at_mut(rows * hd);
+            let (out, rest) = rest.split_at_mut(rows * hd);
+            let (scores, rest) = rest.split_at_mut(rows * kv_len);
+            let (vals, rest) = rest.split_at_mut(self.widened(s));
+            tmp = rest;
+            let (step_qkv, rest) = qkv.split_at(n * qkv_w);
+            qkv = rest;
+            let (step_attn, rest) = std::mem::take(&mut attn).split_at_mut(n * q_dim);
+            attn = rest;
+            let bufs = AttentionBuffers {
+                q,
+                scores,
+                out,
+                vals,
+            };
+            self.attention(layer, s.cache, step_qkv, step_attn, bufs);
+        }
+    }
+
+    /// Asks for the keys and values that step `s`'s attention reads at `layer` (its cached
+    /// positions and the new ones, up to 64 KiB) to be brought into L2: each sequence's are read
+    /// once per step, from memory or L3.
+    fn prefetch_cache(&self, layer: usize, s: &Step<'_>) {
+        let cache = &*s.cache;
+        let hd = cache.head_dim;
+        let kv_len = cache.len + s.tokens.len();
+        let mut budget = 64 * 1024 / cache.keys.dtype().bytes();
+        for g in 0..cache.kv_heads {
+            let off = cache.head_offset(layer, g);
+            let live = (kv_len * hd).min(budget / 2);
+            cache.keys.prefetch(off..off + live);
+            cache.values.prefetch(off..off + live);
+            budget -= 2 * live;
+            if budget < 2 {
+                break;
             }
         }
-        // out = P · V, the values read once, front to back.
-        cache
-            .values
-            .weighted_rows(off..off + kv_len * hd, scores, rows, hd, att_out, vals);
+    }
+
+    /// Attention of one step's tokens (`qkv`: their rows of q, k and v; `attn`: their output
+    /// rows) against its cache: stores their keys and values, then for each key/value head
+    /// computes the scores of all the heads that share it as one product, masks, softmaxes and
+    /// sums the values as a second product.
+    fn attention(
+        &self,
+        layer: usize,
+        cache: &mut KvCache,
+        qkv: &[f32],
+        attn: &mut [f32],
+        bufs: AttentionBuffers<'_>,
+    ) {
+        let c = &self.config;
+        let hd = c.head_dim;
+        let (q_dim, kv_dim) = (c.heads * hd, c.kv_heads * hd);
+        let qkv_w = q_dim + 2 * kv_dim;
+        let n = qkv.len() / qkv_w;
+        let group = c.heads / c.kv_heads;
+        let start = cache.len;
+        let kv_len = start + n;
         for i in 0..n {
-            let t = item.first_token + i0 + i;
-            // SAFETY: row t's columns of heads g·group.. (g+1)·group belong to this item.
-            let dst = unsafe {
-                std::slice::from_raw_parts_mut(out.at(t * q_dim + g * group * hd), group * hd)
+            let row = &qkv[i * qkv_w..(i + 1) * qkv_w];
+            for g in 0..c.kv_heads {
+                let off = cache.head_offset(layer, g);
+                let k = &row[q_dim + g * hd..q_dim + (g + 1) * hd];
+                let v = &row[q_dim + kv_dim + g * hd..q_dim + kv_dim + (g + 1) * hd];
+                let at = off + (start + i) * hd..off + (start + i + 1) * hd;
+                cache.keys.write(at.start, k);
+                cache.values.write(at.start, v);
+            }
+        }
+        let rows = n * group;
+        let AttentionBuffers {
+            q: att_q,
+            scores,
+            out: att_out,
+            vals,
+        } = bufs;
+        let scale = 1.0 / (hd as f32).sqrt();
+        for g in 0..c.kv_heads {
+            // The queries of the group's heads, row (token i, head h) = i·group + h: for one
+            // token, the group's heads as they lie in its row of q.
+            let heads = g * group * hd..(g + 1) * group * hd;
+            let q = if n == 1 {
+                &qkv[heads.clone()]
+            } else {
+                for i in 0..n {
+                    let row = &qkv[i * qkv_w..];
+                    for h in 0..group {
+                        let head = g * group + h;
+                        att_q[(i * group + h) * hd..(i * group + h + 1) * hd]
+                            .copy_from_slice(&row[head * hd..(head + 1) * hd]);
+                    }
+                }
+                &att_q[..rows * hd]
             };
-            dst.copy_from_slice(&att_out[i * group * hd..(i + 1) * group * hd]);
+            let off = cache.head_offset(layer, g);
+            let keys = cache.keys.dense(off..off + kv_len * hd);
+            dense::matmul(keys, kv_len, hd, q, rows, scores);
+            for i in 0..n {
+                let pos = start + i;
+                let lo = c.sliding_window.map_or(0, |w| (pos + 1).saturating_sub(w));
+                for h in 0..group {
+                    let row = &mut scores[(i * group + h) * kv_len..(i * group + h + 1) * kv_len];
+                    row[..lo].iter_mut().for_each(|v| *v = 0.0);
+                    row[pos + 1..].iter_mut().for_each(|v| *v = 0.0);
+                    let live = &mut row[lo..=pos];
+                    live.iter_mut().for_each(|v| *v *= scale);
+                    ops::softmax(live);
+                }
+            }
+            // out = P · V, the values read once, front to back.
+            let out = if n == 1 {
+                &mut attn[heads]
+            } else {
+                &mut att_out[..]
+            };
+            let values = off..off + kv_len * hd;
+            cache
+                .values
+                .weighted_rows(values, scores, rows, hd, out, vals);
+            if n == 1 {
+                continue;
+            }
+            for i in 0..n {
+                let dst = &mut attn[i * q_dim..(i + 1) * q_dim];
+                for h in 0..group {
+                    let head = g * group + h;
+                    dst[head * hd..(head + 1) * hd]
+                        .copy_from_slice(&att_out[(i * group + h) * hd..(i * group + h + 1) * hd]);
+                }
+            }
         }
     }
 }
 
-/// Tokens of one step whose attention one item computes at most: a prompt chunk splits into
-/// several items per head (each reads the head's keys and values once).
-const ATTENTION_BLOCK: usize = 16;
-
-/// One item of [`Model::attention_all`]: one key/value head `g` of one step, for a block of
-/// that step's tokens.
-struct HeadItem<'a> {
-    cache: &'a KvCache,
-    /// The step's rows of q/k/v, from its first token on.
-    qkv: &'a [f32],
-    /// The step's first token's row among the call's.
-    first_token: usize,
-    g: usize,
-    /// The block, as indices among the step's tokens.
-    tokens: std::ops::Range<usize>,
-    /// Queries, outputs and scores of the block's rows, then the head's values widened to f32
-    /// where no kernel reads f16 directly.
-    buf: &'a mut [f32],
+/// The buffers of one step's attention: queries of a key/value head's group, their scores,
+/// and their outputs.
+struct AttentionBuffers<'a> {
+    q: &'a mut [f32],
+    scores: &'a mut [f32],
+    out: &'a mut [f32],
+    /// A key/value head's values widened to f32 (an f16 cache; empty for an f32 one).
+    vals: &'a mut [f32],
 }
 
 impl std::fmt::Debug for Model {
