@@ -196,6 +196,6 @@ fn main() {
         let start = Instant::now();
         let model = load(&path);
         println!("{name}: loaded in {:.2} s", start.elapsed().as_secs_f64());
-        kernels::in_pool(|| bench(name, &model, &ns, reps, steps));
+        kernels::pool::session(|| bench(name, &model, &ns, reps, steps));
     }
 }

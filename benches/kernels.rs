@@ -110,7 +110,7 @@ fn main() {
                 let xt = Tensor::from_vec(x.clone(), (n, cols), &Device::Cpu).unwrap();
                 let mut y = vec![0f32; n * rows];
                 let mut scratch = QuantScratch::default();
-                let ours = kernels::in_pool(|| {
+                let ours = kernels::pool::session(|| {
                     time(budget, || {
                         quant::matmul(kind, &bytes, rows, cols, &x, n, &mut y, &mut scratch)
                     })
@@ -119,7 +119,7 @@ fn main() {
                     std::hint::black_box(qmatmul.forward(&xt).unwrap());
                 });
                 let interleaved = panels.as_ref().map(|p| {
-                    kernels::in_pool(|| {
+                    kernels::pool::session(|| {
                         time(budget, || {
                             quant::matmul_interleaved(p, &x, n, &mut y, &mut scratch)
                         })

@@ -40,14 +40,14 @@ pub trait CausalLm: Send {
         None
     }
 
-    /// The shared native model, when this is one: its sequences are batched into one forward
-    /// pass per step instead of each running its own.
     /// Sets what the native engine's KV caches store (right after loading); returns their
     /// bytes per token, or None for a model that is not on the native engine.
     fn set_kv_dtype(&mut self, _dtype: native::KvDtype) -> Option<u64> {
         None
     }
 
+    /// The shared native model, when this is one: its sequences are batched into one forward
+    /// pass per step instead of each running its own.
     fn native(&self) -> Option<Arc<native::Model>> {
         None
     }

@@ -86,7 +86,7 @@ impl Shared {
                     });
                 }
                 let ws = &mut buffers.ws;
-                kernels::in_pool(|| model.forward(&mut steps, ws))?;
+                kernels::pool::session(|| model.forward(&mut steps, ws))?;
                 Ok(&buffers.ws.logits)
             }
             Shared::Candle(model) => {

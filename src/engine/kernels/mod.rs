@@ -175,12 +175,6 @@ pub fn prefetch<T>(data: &[T]) {
     let _ = data;
 }
 
-/// Runs `f` (a forward pass) as one [`pool::session`]: the pool's threads wait for each
-/// [`par_rows`] inside it spinning, not asleep.
-pub fn in_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
-    pool::session(f)
-}
-
 /// Runs `f` over `0..rows` split into contiguous ranges (multiples of `grain`, except the
 /// last) on the [`pool`]: about four ranges per thread so uneven cores balance out. A small
 /// job, under two grains per thread or under `min_work` total units (`rows * work_per_row`),

@@ -160,6 +160,30 @@ pub fn swiglu(gate: &[f32], up: &[f32], out: &mut [f32]) {
     dispatch!(swiglu_body(gate: &[f32], up: &[f32], out: &mut [f32]))
 }
 
+/// Panics unless the shapes fit [`weighted_rows`] (and its f16 twin).
+fn check_weighted(
+    p: usize,
+    stride: usize,
+    rows: usize,
+    v: usize,
+    len: usize,
+    width: usize,
+    out: usize,
+) {
+    assert!(
+        len <= stride || rows <= 1,
+        "weights of {len} positions in rows of {stride}"
+    );
+    assert!(
+        rows == 0 || p >= (rows - 1) * stride + len,
+        "weights are short"
+    );
+    assert!(
+        v >= len * width && out >= rows * width,
+        "values or output short"
+    );
+}
+
 /// `out[r] = Σ_j p[r·stride + j] · v[j]` for `r < rows`, `j < len`: the weighted sums of
 /// attention, `v` holding `len` rows of `width` values (one per cached position, in order) and
 /// `out` `rows` rows of `width`. Every value row is read once per four output rows, in order,
@@ -173,18 +197,7 @@ pub fn weighted_rows(
     width: usize,
     out: &mut [f32],
 ) {
-    assert!(
-        len <= stride || rows <= 1,
-        "weights of {len} positions in rows of {stride}"
-    );
-    assert!(
-        rows == 0 || p.len() >= (rows - 1) * stride + len,
-        "weights are short"
-    );
-    assert!(
-        v.len() >= len * width && out.len() >= rows * width,
-        "values or output short"
-    );
+    check_weighted(p.len(), stride, rows, v.len(), len, width, out.len());
     dispatch!(weighted_rows_body(
         p: &[f32],
         stride: usize,
@@ -264,9 +277,14 @@ fn weighted_run<const R: usize>(
     }
 }
 
+/// Whether [`weighted_rows_f16`] reads f16 values in rows of `width` here (AVX-512, `width` a
+/// multiple of 16); elsewhere callers widen the values and call [`weighted_rows`].
+pub fn weighted_rows_f16_direct(width: usize) -> bool {
+    cfg!(target_arch = "x86_64") && Isa::detect() == Isa::Avx512 && width.is_multiple_of(16)
+}
+
 /// [`weighted_rows`] over f16 values (an f16 KV cache), each widened as it is read. Returns
-/// false, doing nothing, where no kernel reads f16 directly (no AVX-512, or `width` not a
-/// multiple of 16): the caller widens the values and calls [`weighted_rows`].
+/// false, doing nothing, where [`weighted_rows_f16_direct`] is false.
 pub fn weighted_rows_f16(
     p: &[f32],
     stride: usize,
@@ -276,20 +294,9 @@ pub fn weighted_rows_f16(
     width: usize,
     out: &mut [f32],
 ) -> bool {
-    assert!(
-        len <= stride || rows <= 1,
-        "weights of {len} positions in rows of {stride}"
-    );
-    assert!(
-        rows == 0 || p.len() >= (rows - 1) * stride + len,
-        "weights are short"
-    );
-    assert!(
-        v.len() >= len * width && out.len() >= rows * width,
-        "values or output short"
-    );
+    check_weighted(p.len(), stride, rows, v.len(), len, width, out.len());
     #[cfg(target_arch = "x86_64")]
-    if Isa::detect() == Isa::Avx512 && width.is_multiple_of(16) {
+    if weighted_rows_f16_direct(width) {
         // SAFETY: the CPU has AVX-512 F/BW/VL/DQ (Isa::detect), which implies F16C here
         // (detected with them); sizes were checked above.
         unsafe { weighted_f16::rows(p, stride, rows, v, len, width, out) };
@@ -431,55 +438,64 @@ mod tests {
         assert!(exp(-200.0) < 1e-37);
     }
 
-    /// Against candle's matmul of the weights (rows of `stride`, the first `len` used) with
-    /// the value rows, for widths around the runs of 32 and row counts around runs of 4.
+    /// Shapes around the runs of 32 columns (16 for f16) and of 4 rows.
+    const WEIGHTED_SHAPES: [(usize, usize, usize); 7] = [
+        (1, 1, 64),
+        (3, 37, 64),
+        (4, 5, 128),
+        (5, 70, 80),
+        (9, 16, 8),
+        (9, 16, 16),
+        (2, 133, 96),
+    ];
+
+    /// `out` against candle's matmul of the weights (rows of `stride`, the first `len` used)
+    /// with the value rows `v`.
+    fn assert_weighted_like_candle(
+        out: &[f32],
+        p: &[f32],
+        stride: usize,
+        rows: usize,
+        v: Vec<f32>,
+        len: usize,
+        width: usize,
+    ) {
+        let used: Vec<f32> = (0..rows)
+            .flat_map(|r| p[r * stride..r * stride + len].to_vec())
+            .collect();
+        let expected: Vec<f32> = Tensor::from_vec(used, (rows, len), &Device::Cpu)
+            .unwrap()
+            .matmul(&Tensor::from_vec(v, (len, width), &Device::Cpu).unwrap())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        for (i, (a, b)) in out.iter().zip(&expected).enumerate() {
+            assert!(
+                (a - b).abs() <= 1e-5 * (1.0 + b.abs()) * len as f32,
+                "{rows}×{len}×{width} [{i}]: {a} vs {b}"
+            );
+        }
+    }
+
     #[test]
     fn weighted_rows_match_candle() {
-        for (rows, len, width) in [
-            (1, 1, 64),
-            (3, 37, 64),
-            (4, 5, 128),
-            (5, 70, 80),
-            (9, 16, 8),
-            (2, 33, 96),
-        ] {
+        for (rows, len, width) in WEIGHTED_SHAPES {
             let stride = len + 3;
             let p = random(rows * stride, 3);
             let v = random(len * width, 4);
             let mut out = vec![f32::NAN; rows * width];
             weighted_rows(&p, stride, rows, &v, len, width, &mut out);
-            let used: Vec<f32> = (0..rows)
-                .flat_map(|r| p[r * stride..r * stride + len].to_vec())
-                .collect();
-            let expected: Vec<f32> = Tensor::from_vec(used, (rows, len), &Device::Cpu)
-                .unwrap()
-                .matmul(&Tensor::from_vec(v.clone(), (len, width), &Device::Cpu).unwrap())
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-            for (i, (a, b)) in out.iter().zip(&expected).enumerate() {
-                assert!(
-                    (a - b).abs() <= 1e-5 * (1.0 + b.abs()) * len as f32,
-                    "{rows}×{len}×{width} [{i}]: {a} vs {b}"
-                );
-            }
+            assert_weighted_like_candle(&out, &p, stride, rows, v, len, width);
         }
     }
 
-    /// The f16 kernel against candle's matmul of the weights with the f16 values widened
-    /// (where it runs; elsewhere it must decline and leave the output alone).
+    /// The f16 kernel against candle on the values widened, where it runs; elsewhere it
+    /// declines and leaves the output alone.
     #[test]
     fn weighted_rows_f16_match_candle() {
-        for (rows, len, width) in [
-            (1, 1, 64),
-            (3, 37, 64),
-            (4, 5, 128),
-            (5, 70, 80),
-            (9, 16, 16),
-            (2, 133, 96),
-        ] {
+        for (rows, len, width) in WEIGHTED_SHAPES {
             let stride = len + 3;
             let p = random(rows * stride, 5);
             let v: Vec<half::f16> = random(len * width, 6)
@@ -487,29 +503,14 @@ mod tests {
                 .map(half::f16::from_f32)
                 .collect();
             let mut out = vec![f32::NAN; rows * width];
-            if !weighted_rows_f16(&p, stride, rows, &v, len, width, &mut out) {
-                assert!(Isa::detect() != Isa::Avx512 || width % 16 != 0);
+            let ran = weighted_rows_f16(&p, stride, rows, &v, len, width, &mut out);
+            assert_eq!(ran, weighted_rows_f16_direct(width));
+            if !ran {
                 assert!(out.iter().all(|v| v.is_nan()));
                 continue;
             }
-            let used: Vec<f32> = (0..rows)
-                .flat_map(|r| p[r * stride..r * stride + len].to_vec())
-                .collect();
-            let wide: Vec<f32> = v.iter().map(|v| v.to_f32()).collect();
-            let expected: Vec<f32> = Tensor::from_vec(used, (rows, len), &Device::Cpu)
-                .unwrap()
-                .matmul(&Tensor::from_vec(wide, (len, width), &Device::Cpu).unwrap())
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-            for (i, (a, b)) in out.iter().zip(&expected).enumerate() {
-                assert!(
-                    (a - b).abs() <= 1e-5 * (1.0 + b.abs()) * len as f32,
-                    "{rows}×{len}×{width} [{i}]: {a} vs {b}"
-                );
-            }
+            let wide = v.iter().map(|v| v.to_f32()).collect();
+            assert_weighted_like_candle(&out, &p, stride, rows, wide, len, width);
         }
     }
 

@@ -85,8 +85,13 @@ thread_local! {
 fn pool() -> &'static Pool {
     static POOL: OnceLock<Pool> = OnceLock::new();
     POOL.get_or_init(|| {
-        // RAYON_NUM_THREADS (or all cores), as the rest of the engine.
-        let threads = rayon::current_num_threads().max(1);
+        // RAYON_NUM_THREADS (as candle's code paths on rayon), else every core.
+        let threads = std::env::var("RAYON_NUM_THREADS")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .filter(|&n| n > 0)
+            .or_else(|| std::thread::available_parallelism().ok().map(|n| n.get()))
+            .unwrap_or(1);
         let shared: &'static Shared = Box::leak(Box::new(Shared {
             word: AtomicU64::new(pack(0, 0, 0)),
             done: AtomicUsize::new(0),
@@ -263,16 +268,29 @@ pub fn run(chunks: usize, f: &(dyn Fn(usize) + Sync)) {
     }
 }
 
+/// Runs `f(i, chunk)` on each consecutive chunk of `size` elements of `data` (the last may be
+/// shorter), shared among the pool's threads (see [`run`]).
+pub fn for_each_chunk_mut<T: Send>(
+    data: &mut [T],
+    size: usize,
+    f: impl Fn(usize, &mut [T]) + Sync,
+) {
+    let size = size.max(1);
+    let (base, len) = (super::SyncPtr(data.as_mut_ptr()), data.len());
+    run(len.div_ceil(size), &|i| {
+        let start = i * size;
+        assert!(start < len);
+        // SAFETY: `run` calls each index once, so chunk i, within `data`, is borrowed by one
+        // call only, and `data` stays borrowed until `run` returns.
+        let chunk =
+            unsafe { std::slice::from_raw_parts_mut(base.at(start), size.min(len - start)) };
+        f(i, chunk)
+    });
+}
+
 /// Runs `f` on every item, shared among the pool's threads (see [`run`]).
 pub fn for_each_mut<T: Send>(items: &mut [T], f: impl Fn(&mut T) + Sync) {
-    let base = super::SyncPtr(items.as_mut_ptr());
-    let len = items.len();
-    run(len, &|i| {
-        assert!(i < len);
-        // SAFETY: `run` calls each index once, so each item is borrowed by one call only, and
-        // `items` stays borrowed until `run` returns.
-        f(unsafe { &mut *base.at(i) })
-    });
+    for_each_chunk_mut(items, 1, |_, item| f(&mut item[0]));
 }
 
 #[cfg(test)]
@@ -358,12 +376,18 @@ mod tests {
         let mut items: Vec<u64> = (0..97).collect();
         for_each_mut(&mut items, |v| *v = *v * 3 + 1);
         assert_eq!(items, (0..97).map(|v| v * 3 + 1).collect::<Vec<u64>>());
+        // Chunks of 10: the last holds 7, and each knows its index.
+        for_each_chunk_mut(&mut items, 10, |i, chunk| {
+            assert_eq!(chunk.len(), if i == 9 { 7 } else { 10 });
+            chunk.iter_mut().for_each(|v| *v = i as u64);
+        });
+        assert_eq!(items, (0..97).map(|v| v / 10).collect::<Vec<u64>>());
     }
 
     #[test]
     fn a_panicking_chunk_is_raised_to_the_caller_and_the_pool_still_works() {
         let caught = catch_unwind(|| {
-            session(|| {
+            owned_session(|| {
                 run(64, &|i| {
                     if i == 37 {
                         panic!("chunk 37");

@@ -96,7 +96,7 @@ impl CausalLm for NativeLm {
         }
         self.cache.truncate(pos);
         let (model, cache, ws) = (&self.model, &mut self.cache, &mut self.ws);
-        kernels::in_pool(|| {
+        kernels::pool::session(|| {
             for chunk in input.chunks(PREFILL_CHUNK) {
                 model.forward(
                     &mut [Step {
@@ -126,10 +126,12 @@ impl CausalLm for NativeLm {
     }
 
     fn set_kv_dtype(&mut self, dtype: KvDtype) -> Option<u64> {
-        let model = Arc::get_mut(&mut self.model)?;
-        model.config.kv_dtype = dtype;
-        self.cache = KvCache::new(&model.config, 0);
-        Some(KvCache::bytes_per_token(&model.config))
+        // Unshared right after loading; otherwise the caches keep the type they have.
+        if let Some(model) = Arc::get_mut(&mut self.model) {
+            model.config.kv_dtype = dtype;
+            self.cache = KvCache::new(&model.config, 0);
+        }
+        Some(KvCache::bytes_per_token(&self.model.config))
     }
 
     fn native(&self) -> Option<Arc<Model>> {

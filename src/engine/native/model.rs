@@ -485,8 +485,8 @@ impl Model {
             layer
                 .gate_up
                 .forward(&ws.xn, total, &mut ws.gate_up, &mut ws.tmp, &mut ws.scratch);
-            // Many tokens' activations are split among rayon's threads (an exp and a division
-            // per value: ~10 µs per layer for 16 tokens).
+            // Many tokens' activations are split among the kernel pool's threads (an exp and a
+            // division per value: ~10 µs per layer for 16 tokens).
             let ffn = c.ffn;
             let (act, gate_up) = (&mut ws.act[..total * ffn], &ws.gate_up[..total * 2 * ffn]);
             let swiglu = |(out, gu): (&mut [f32], &[f32])| {
@@ -494,8 +494,9 @@ impl Model {
                 ops::swiglu(g, u, out);
             };
             if total >= 8 {
-                let mut rows: Vec<_> = act.chunks_mut(ffn).zip(gate_up.chunks(2 * ffn)).collect();
-                kernels::pool::for_each_mut(&mut rows, |(out, gu)| swiglu((out, gu)));
+                kernels::pool::for_each_chunk_mut(act, ffn, |t, out| {
+                    swiglu((out, &gate_up[t * 2 * ffn..(t + 1) * 2 * ffn]))
+                });
             } else {
                 act.chunks_mut(ffn)
                     .zip(gate_up.chunks(2 * ffn))
@@ -588,11 +589,15 @@ impl Model {
         });
     }
 
-    /// The f32 values [`Model::attention`] widens a key/value head's values to for step `s`.
+    /// The f32 values [`Model::attention`] widens a key/value head's values to for step `s`
+    /// (an f16 cache where no kernel reads it directly).
     fn widened(&self, s: &Step<'_>) -> usize {
+        let hd = self.config.head_dim;
         match s.cache.values.dtype() {
-            KvDtype::F32 => 0,
-            KvDtype::F16 => (s.cache.len + s.tokens.len()) * self.config.head_dim,
+            KvDtype::F16 if !ops::weighted_rows_f16_direct(hd) => {
+                (s.cache.len + s.tokens.len()) * hd
+            }
+            _ => 0,
         }
     }
 
