@@ -48,10 +48,16 @@ async fn the_real_binary_repairs_and_serves_gguf_references_over_grpcurl_and_the
     ])
     .await;
     let addr = serve.addr.to_string();
+    // A call that must succeed: its stdout.
     let grpcurl = |body: &str, method: &str| {
         let mut cmd = Command::new(venv.join("bin/grpcurl"));
         cmd.args(["-plaintext", "-d", body, &addr, method]);
-        cmd
+        async move {
+            let out = cmd.output().await.unwrap();
+            let stdout = text(&out.stdout);
+            assert!(out.status.success(), "{stdout}{}", text(&out.stderr));
+            stdout
+        }
     };
     let lmx = |args: &[&str]| {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_lmx"));
@@ -68,15 +74,11 @@ async fn the_real_binary_repairs_and_serves_gguf_references_over_grpcurl_and_the
     let mut bytes = std::fs::read(&blob).unwrap();
     bytes[100] ^= 0x55;
     std::fs::write(&blob, &bytes).unwrap();
-    let out = grpcurl(
+    let stdout = grpcurl(
         r#"{"model_id":"tiny/llama"}"#,
         "lmx.v1.ModelAdmin/RepairModel",
     )
-    .output()
-    .await
-    .unwrap();
-    let stdout = text(&out.stdout);
-    assert!(out.status.success(), "{stdout}{}", text(&out.stderr));
+    .await;
     assert!(stdout.contains("DOWNLOAD_STATE_COMPLETED"), "{stdout}");
     assert!(stdout.contains("\"repairedFiles\": [\n"), "{stdout}");
     assert!(stdout.contains("\"model.safetensors\""), "{stdout}");
@@ -91,27 +93,19 @@ async fn the_real_binary_repairs_and_serves_gguf_references_over_grpcurl_and_the
     );
 
     // GGUF: one quant pulled by reference, then loaded by file name.
-    let out = grpcurl(
+    let stdout = grpcurl(
         r#"{"model_id":"tiny/gguf:q4_0"}"#,
         "lmx.v1.ModelAdmin/DownloadModel",
     )
-    .output()
-    .await
-    .unwrap();
-    let stdout = text(&out.stdout);
-    assert!(out.status.success(), "{stdout}{}", text(&out.stderr));
+    .await;
     assert!(stdout.contains("DOWNLOAD_STATE_COMPLETED"), "{stdout}");
     assert!(!stdout.contains("tiny-Q8_0.gguf"), "{stdout}");
     assert_eq!(hub.bytes_sent("tiny/gguf", "tiny-Q8_0.gguf"), 0);
-    let out = grpcurl(
+    let stdout = grpcurl(
         r#"{"model_id":"tiny/gguf/tiny-Q4_0.gguf@main"}"#,
         "lmx.v1.ModelAdmin/LoadModel",
     )
-    .output()
-    .await
-    .unwrap();
-    let stdout = text(&out.stdout);
-    assert!(out.status.success(), "{stdout}{}", text(&out.stderr));
+    .await;
     assert!(
         stdout.contains("\"ggufFile\": \"tiny-Q4_0.gguf\""),
         "{stdout}"
