@@ -84,7 +84,113 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
-fn bench(name: &str, model: &Model, ns: &[usize], reps: usize, steps: usize) {
+/// Multiply-adds of one token's pass through `c`'s weight products (the layers' and the head's;
+/// attention over the cache not counted).
+fn macs_per_token(c: &NativeConfig) -> f64 {
+    let (q, kv) = (c.heads * c.head_dim, c.kv_heads * c.head_dim);
+    let layer = c.hidden * (q + 2 * kv) + q * c.hidden + 3 * c.ffn * c.hidden;
+    (c.layers * layer + c.vocab * c.hidden) as f64
+}
+
+/// The integer kernels' ceiling on this machine, in G multiply-adds per second over all the
+/// kernel pool's threads at once: the instruction mix of the AVX-512 VNNI panel kernel's 8-token
+/// Q4_1 tile (per 32-block of 16 weight rows: 4 loads and 8 ops unpacking nibbles, 64
+/// `vpdpbusd`, and per token 4 f32 ops applying the block scales) on data that stays in L1, so
+/// neither memory nor anything around the products counts. Whatever a batched step spends
+/// above `tokens × macs_per_token / ceiling` goes elsewhere. None without AVX-512 VNNI.
+fn vnni_ceiling() -> Option<f64> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let ok = ["avx512f", "avx512bw", "avx512vnni", "fma", "f16c"]
+            .iter()
+            .all(|f| match *f {
+                "avx512f" => is_x86_feature_detected!("avx512f"),
+                "avx512bw" => is_x86_feature_detected!("avx512bw"),
+                "avx512vnni" => is_x86_feature_detected!("avx512vnni"),
+                "fma" => is_x86_feature_detected!("fma"),
+                _ => is_x86_feature_detected!("f16c"),
+            });
+        if !ok {
+            return None;
+        }
+        let threads = kernels::pool::threads();
+        let blocks = 4_000_000;
+        let start = Instant::now();
+        let sums: Vec<f32> = std::thread::scope(|scope| {
+            let workers: Vec<_> = (0..threads)
+                .map(|i| {
+                    scope.spawn(move || {
+                        // SAFETY: the features were detected above.
+                        unsafe { ceiling::q4_1_tile(blocks, i as u8) }
+                    })
+                })
+                .collect();
+            workers.into_iter().map(|w| w.join().unwrap()).collect()
+        });
+        let secs = start.elapsed().as_secs_f64();
+        std::hint::black_box(sums);
+        Some((threads * blocks * ceiling::TOKENS * 512) as f64 / secs / 1e9)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    None
+}
+
+#[cfg(target_arch = "x86_64")]
+mod ceiling {
+    use std::arch::x86_64::*;
+
+    /// Tokens of the tile.
+    pub const TOKENS: usize = 8;
+
+    /// `blocks` 32-blocks of one 16-row panel against 8 tokens, cycling over 64 blocks of
+    /// weights and activations (30 KiB: L1). Returns a sum of the outputs, to keep them live.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 F/BW and VNNI, FMA and F16C.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,fma,f16c")]
+    pub unsafe fn q4_1_tile(blocks: usize, seed: u8) -> f32 {
+        const T: usize = TOKENS;
+        let w: Vec<u8> = (0..320 * 64)
+            .map(|i| (i as u8).wrapping_mul(31) ^ seed)
+            .collect();
+        let a: Vec<i8> = (0..32 * T * 64)
+            .map(|i| (i as u8).wrapping_mul(17) as i8)
+            .collect();
+        let ds: Vec<f32> = (0..2 * T * 64).map(|i| 1e-3 * (i % 7) as f32).collect();
+        let low4 = _mm512_set1_epi8(0x0F);
+        let mut acc = [_mm512_setzero_ps(); T];
+        for b in 0..blocks {
+            let blk = w.as_ptr().add(320 * (b % 64));
+            let d = _mm512_cvtph_ps(_mm256_loadu_si256(blk.add(256).cast()));
+            let m = _mm512_cvtph_ps(_mm256_loadu_si256(blk.add(288).cast()));
+            let act = a.as_ptr().add(32 * T * (b % 64));
+            let mut sum = [_mm512_setzero_si512(); T];
+            for c in 0..4 {
+                let v = _mm512_loadu_si512(blk.add(64 * c).cast());
+                let lo = _mm512_and_si512(v, low4);
+                let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(v), low4);
+                let bcast = |t: usize, at: usize| {
+                    _mm512_set1_epi32(act.add(32 * t + at).cast::<i32>().read_unaligned())
+                };
+                for (t, s) in sum.iter_mut().enumerate() {
+                    *s = _mm512_dpbusd_epi32(*s, lo, bcast(t, 4 * c));
+                }
+                for (t, s) in sum.iter_mut().enumerate() {
+                    *s = _mm512_dpbusd_epi32(*s, hi, bcast(t, 16 + 4 * c));
+                }
+            }
+            let scales = ds.as_ptr().add(2 * T * (b % 64));
+            for (t, acc) in acc.iter_mut().enumerate() {
+                let scale = _mm512_mul_ps(d, _mm512_set1_ps(*scales.add(2 * t)));
+                *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum[t]), scale, *acc);
+                *acc = _mm512_fmadd_ps(m, _mm512_set1_ps(*scales.add(2 * t + 1)), *acc);
+            }
+        }
+        acc.iter().map(|&v| _mm512_reduce_add_ps(v)).sum()
+    }
+}
+
+fn bench(name: &str, model: &Model, ns: &[usize], reps: usize, steps: usize, ceiling: Option<f64>) {
     let most = *ns.iter().max().unwrap();
     let capacity = env_usize("BATCH_CAPACITY", prompt_len() + steps + 1);
     let mut caches: Vec<KvCache> = (0..most)
@@ -133,10 +239,17 @@ fn bench(name: &str, model: &Model, ns: &[usize], reps: usize, steps: usize) {
         }
     }
     let med: Vec<f64> = times.into_iter().map(median).collect();
+    if ceiling.is_some() {
+        println!(
+            "{name}: floor ms = N × {:.1} M multiply-adds per token / ceiling; \
+             bound ×N1 = N × step(1) / max(floor, step(1))",
+            macs_per_token(&model.config) / 1e6
+        );
+    }
     let base = ns.iter().position(|&n| n == 1).map(|i| med[i]);
     println!(
-        "{:<6} {:>3}  {:>9}  {:>9}  {:>10}  {:>10}",
-        name, "N", "ms/step", "tok/s", "tok/s ×N1", "step ×N1"
+        "{:<6} {:>3}  {:>9}  {:>9}  {:>10}  {:>10}  {:>9}  {:>10}",
+        name, "N", "ms/step", "tok/s", "tok/s ×N1", "step ×N1", "floor ms", "bound ×N1"
     );
     for (i, &n) in ns.iter().enumerate() {
         let tps = n as f64 / med[i];
@@ -144,14 +257,27 @@ fn bench(name: &str, model: &Model, ns: &[usize], reps: usize, steps: usize) {
             Some(b) => (format!("{:.2}x", tps * b), format!("{:.2}x", med[i] / b)),
             None => ("-".into(), "-".into()),
         };
+        // The products alone at the ceiling; a step is never shorter than that, nor than
+        // N = 1's (which reads every weight once too).
+        let floor = ceiling.map(|g| n as f64 * macs_per_token(&model.config) / (g * 1e9));
+        let (floor_ms, bound) = match (floor, base) {
+            (Some(f), Some(b)) => (
+                format!("{:.2}", f * 1e3),
+                format!("{:.2}x", n as f64 * b / f.max(b)),
+            ),
+            (Some(f), None) => (format!("{:.2}", f * 1e3), "-".into()),
+            _ => ("-".into(), "-".into()),
+        };
         println!(
-            "{:<6} {:>3}  {:>9.2}  {:>9.1}  {:>10}  {:>10}",
+            "{:<6} {:>3}  {:>9.2}  {:>9.1}  {:>10}  {:>10}  {:>9}  {:>10}",
             name,
             n,
             med[i] * 1e3,
             tps,
             ratio,
-            step
+            step,
+            floor_ms,
+            bound
         );
     }
 }
@@ -185,6 +311,14 @@ fn main() {
         "{} prompt tokens per sequence, {steps} steps × {reps} repetitions per configuration (medians)",
         prompt_len()
     );
+    let ceiling = vnni_ceiling();
+    match ceiling {
+        Some(g) => println!(
+            "integer kernel ceiling (the Q4_1 VNNI op mix in L1, {} threads at once): {g:.0} G multiply-adds/s",
+            kernels::pool::threads(),
+        ),
+        None => println!("integer kernel ceiling: n/a (no AVX-512 VNNI)"),
+    }
     for (name, path) in models {
         if !name.contains(&only) {
             continue;
@@ -196,6 +330,8 @@ fn main() {
         let start = Instant::now();
         let model = load(&path);
         println!("{name}: loaded in {:.2} s", start.elapsed().as_secs_f64());
-        kernels::pool::session(|| bench(name, &model, &ns, reps, steps));
+        // The ceiling is the integer kernels' (Q4_1's op mix); f32 weights use others.
+        let ceiling = if name == "q4_1" { ceiling } else { None };
+        kernels::pool::session(|| bench(name, &model, &ns, reps, steps, ceiling));
     }
 }
