@@ -7,7 +7,10 @@
 //! order each repetition) and cuts the caches back to the prompt, so every configuration sees
 //! the same context lengths. Printed per model and N: the median ms per step over
 //! `BATCH_REPS` repetitions, the aggregate tokens/s, and its ratio to N = 1 (and the step time's
-//! ratio to N = 1's).
+//! ratio to N = 1's). For Q4_1, also the integer kernels' ceiling measured in the same run (the
+//! VNNI panel tile's instruction mix on data in L1, on every pool thread at once), the floor it
+//! puts under a step of N tokens' weight products, and the best ratio to N = 1 that allows (a
+//! step is never shorter than N = 1's either, which reading the weights bounds).
 //!
 //! Env: `BATCH_PROMPT` (default 32), `BATCH_CAPACITY` (cache positions; default what the run needs), `BATCH_REPS` (default 5), `BATCH_STEPS` (default 6), `BATCH_NS` (comma list, default
 //! `1,2,4,8,16`), `BATCH_MODELS` (substring filter on `q4_1` / `f32`), `RAYON_NUM_THREADS`,
