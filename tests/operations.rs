@@ -373,12 +373,17 @@ async fn metrics_after_a_pull_and_a_generation() {
         .await
         .unwrap()
         .into_inner();
-    let mut tokens = 0.0;
+    let (mut tokens, mut prompt_tokens) = (0.0, 0.0);
     while let Some(item) = generation.next().await {
-        if let Some(pb::generate_response::Item::Token(_)) = item.unwrap().item {
-            tokens += 1.0;
+        match item.unwrap().item {
+            Some(pb::generate_response::Item::Token(_)) => tokens += 1.0,
+            Some(pb::generate_response::Item::Completion(done)) => {
+                prompt_tokens = f64::from(done.prompt_tokens)
+            }
+            _ => {}
         }
     }
+    assert!(tokens >= 1.0 && prompt_tokens >= 1.0);
 
     let text = scrape(server.metrics_addr.unwrap()).await;
     assert!(
@@ -417,6 +422,37 @@ async fn metrics_after_a_pull_and_a_generation() {
             &text,
             "lmx_token_latency_seconds_bucket{model=\"tiny/metrics@main\",le=\"+Inf\"}"
         ) >= tokens - 1.0
+    );
+    // The forward passes: the prompt in one (it yields the first token), then one per token.
+    let steps = |kind: &str| {
+        sample(
+            &text,
+            &format!("lmx_batch_steps_total{{model=\"tiny/metrics@main\",kind=\"{kind}\"}}"),
+        )
+    };
+    assert_eq!(steps("prefill"), 1.0);
+    assert_eq!(steps("decode"), tokens - 1.0);
+    assert_eq!(steps("mixed"), 0.0);
+    assert_eq!(
+        sample(
+            &text,
+            "lmx_batch_sequences_total{model=\"tiny/metrics@main\"}"
+        ),
+        tokens,
+        "one sequence in each pass"
+    );
+    assert!(
+        sample(
+            &text,
+            "lmx_batch_step_microseconds_total{model=\"tiny/metrics@main\",kind=\"prefill\"}"
+        ) > 0.0
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "lmx_prompt_tokens_computed_total{model=\"tiny/metrics@main\"}"
+        ),
+        prompt_tokens
     );
     assert_eq!(sample(&text, "lmx_models_loaded"), 1.0);
     assert!(sample(&text, "lmx_model_memory_bytes{model=\"tiny/metrics@main\"}") > 0.0);

@@ -41,7 +41,7 @@ pub use native::KvDtype;
 pub use sampling::SamplingParams;
 pub use text::{StopMatcher, StopOutcome, TextStream};
 pub use validation::{Limits, RawParams, ValidParams};
-pub use worker::Counters;
+pub use worker::{Counters, StepKind};
 
 use crate::snapshot::WeightFormat;
 use worker::{EmbedJob, GenerateJob, Job, Runner, Worker};
@@ -230,6 +230,14 @@ pub struct EngineStats {
     pub kv_cache_used_bytes: u64,
     /// Prompt tokens served from the prefix cache since load.
     pub cached_prompt_tokens: u64,
+    /// Forward passes since load, by what they carried (indexed by [`StepKind`]).
+    pub steps: [u64; 3],
+    /// Nanoseconds those passes took, by the same kinds.
+    pub step_nanos: [u64; 3],
+    /// Sequences the passes carried, summed over the passes.
+    pub step_sequences: u64,
+    /// Prompt tokens run through the model since load (not served from the prefix cache).
+    pub prompt_tokens_computed: u64,
 }
 
 /// A loaded model.
@@ -615,6 +623,18 @@ impl Engine for CandleEngine {
             cancelled: self.counters.cancelled.load(Ordering::Relaxed),
             kv_cache_used_bytes: self.counters.kv_used.load(Ordering::Relaxed),
             cached_prompt_tokens: self.counters.cached_prompt_tokens.load(Ordering::Relaxed),
+            steps: self
+                .counters
+                .steps
+                .each_ref()
+                .map(|c| c.load(Ordering::Relaxed)),
+            step_nanos: self
+                .counters
+                .step_nanos
+                .each_ref()
+                .map(|c| c.load(Ordering::Relaxed)),
+            step_sequences: self.counters.step_sequences.load(Ordering::Relaxed),
+            prompt_tokens_computed: self.counters.prompt_tokens_computed.load(Ordering::Relaxed),
         }
     }
 

@@ -588,16 +588,11 @@ fn a_long_prompt_is_prefilled_in_chunks_between_decode_steps() {
     };
     let engine = load_tiny(dir.path(), &options);
     let long = "the quick brown fox jumps over the lazy dog ".repeat(8);
-    let solo_long: Vec<u32> = collect(&*engine, text(&long), &greedy(8))
-        .0
-        .iter()
-        .map(|t| t.id)
-        .collect();
-    let solo_short: Vec<u32> = collect(&*engine, text("Hi"), &greedy(40))
-        .0
-        .iter()
-        .map(|t| t.id)
-        .collect();
+    let (solo_long, long_done) = collect(&*engine, text(&long), &greedy(8));
+    let solo_long = ids(&solo_long);
+    let (solo_short, short_done) = collect(&*engine, text("Hi"), &greedy(40));
+    let solo_short = ids(&solo_short);
+    let before = engine.stats();
     let mut short = engine.generate(text("Hi"), &greedy(40)).unwrap();
     // The short stream is decoding before the long prompt arrives.
     let mut short_ids = match short.blocking_recv() {
@@ -646,6 +641,24 @@ fn a_long_prompt_is_prefilled_in_chunks_between_decode_steps() {
     assert!(
         short_tokens_before_long_first.unwrap_or(0) + 1 >= prompt_tokens / 16,
         "short stream tokens before the long prompt's first: {short_tokens_before_long_first:?}"
+    );
+    // The counters saw it: the long prompt's chunks went in mixed steps, every prompt token
+    // was computed (no prefix cache), and mixed steps carried two sequences.
+    let after = engine.stats();
+    let delta = |i: usize| after.steps[i] - before.steps[i];
+    assert!(
+        delta(StepKind::Mixed as usize) >= prompt_tokens.div_ceil(16) as u64 - 1,
+        "{before:?} -> {after:?}"
+    );
+    assert_eq!(
+        after.prompt_tokens_computed - before.prompt_tokens_computed,
+        (long_done.prompt_tokens + short_done.prompt_tokens) as u64
+    );
+    let steps: u64 = (0..3).map(delta).sum();
+    let sequences = after.step_sequences - before.step_sequences;
+    assert!(
+        sequences >= steps + delta(StepKind::Mixed as usize),
+        "{before:?} -> {after:?}"
     );
 }
 

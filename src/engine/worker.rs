@@ -66,6 +66,67 @@ pub struct Counters {
     pub kv_used: AtomicU64,
     /// Prompt tokens whose KV came from the prefix cache, since load.
     pub cached_prompt_tokens: AtomicU64,
+    /// Forward passes since load, by what they carried (indexed by [`StepKind`]).
+    pub steps: [AtomicU64; 3],
+    /// Nanoseconds those passes took, by the same kinds.
+    pub step_nanos: [AtomicU64; 3],
+    /// Sequences the passes carried, summed over the passes (over `steps`: the mean batch).
+    pub step_sequences: AtomicU64,
+    /// Prompt tokens run through the model (those not served from the prefix cache).
+    pub prompt_tokens_computed: AtomicU64,
+}
+
+/// What a forward pass carried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StepKind {
+    /// A token of each decoding sequence, nothing else.
+    Decode = 0,
+    /// Decode tokens and prompt chunks together (continuous batching).
+    Mixed = 1,
+    /// Prompt tokens only.
+    Prefill = 2,
+}
+
+impl StepKind {
+    pub const ALL: [StepKind; 3] = [StepKind::Decode, StepKind::Mixed, StepKind::Prefill];
+
+    fn of(decoding: usize, prompt_tokens: usize) -> StepKind {
+        match (decoding, prompt_tokens) {
+            (_, 0) => StepKind::Decode,
+            (0, _) => StepKind::Prefill,
+            _ => StepKind::Mixed,
+        }
+    }
+
+    /// The metrics label.
+    pub fn name(self) -> &'static str {
+        match self {
+            StepKind::Decode => "decode",
+            StepKind::Mixed => "mixed",
+            StepKind::Prefill => "prefill",
+        }
+    }
+}
+
+impl Counters {
+    /// Counts a forward pass of `sequences` sequences, `decoding` of them past their prompts,
+    /// with `prompt_tokens` prompt tokens in all, that took `elapsed`.
+    fn record_step(
+        &self,
+        sequences: usize,
+        decoding: usize,
+        prompt_tokens: usize,
+        elapsed: Duration,
+    ) {
+        let kind = StepKind::of(decoding, prompt_tokens) as usize;
+        self.steps[kind].fetch_add(1, Ordering::Relaxed);
+        let nanos = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
+        self.step_nanos[kind].fetch_add(nanos, Ordering::Relaxed);
+        self.step_sequences
+            .fetch_add(sequences as u64, Ordering::Relaxed);
+        self.prompt_tokens_computed
+            .fetch_add(prompt_tokens as u64, Ordering::Relaxed);
+    }
 }
 
 /// The KV cache budget the worker keeps to.
@@ -561,7 +622,14 @@ impl Worker {
                 Step::Done
             } else {
                 let _enter = seq.span.clone().entered();
-                match seq.step(tokenizer, eos_ids, special_ids) {
+                // One pass of this sequence alone: its prompt (what is left of it), or a token.
+                let pending = seq.tokens.len() - seq.fed;
+                let prompt = if seq.fed < seq.prompt_len { pending } else { 0 };
+                let started = Instant::now();
+                let stepped = seq.step(tokenizer, eos_ids, special_ids);
+                self.counters
+                    .record_step(1, usize::from(prompt == 0), prompt, started.elapsed());
+                match stepped {
                     Ok(step) => step,
                     Err(message) => {
                         tracing::error!(error = %message, "generation failed");
@@ -781,7 +849,10 @@ impl Worker {
         } = batch;
         let started = Instant::now();
         let result = model.forward(&mut parts, buffers);
-        pacer.record(prompt_tokens, decoding, started.elapsed().as_secs_f64());
+        let elapsed = started.elapsed();
+        pacer.record(prompt_tokens, decoding, elapsed.as_secs_f64());
+        self.counters
+            .record_step(parts.len(), decoding, prompt_tokens, elapsed);
         drop(parts);
         let vocab = model.vocab();
         let mut ended = vec![false; active.len()];
@@ -1019,6 +1090,25 @@ mod tests {
         // Nothing measured yet: the smallest chunk.
         let fresh = plan_feed(&[running(5), waiting(64)], &Pacer::default(), 256);
         assert_eq!(fresh, vec![1, MIN_CHUNK]);
+    }
+
+    #[test]
+    fn forward_passes_are_counted_by_what_they_carried() {
+        let counters = Counters::default();
+        counters.record_step(8, 8, 0, Duration::from_micros(5));
+        counters.record_step(5, 4, 40, Duration::from_micros(7));
+        counters.record_step(2, 0, 128, Duration::from_micros(11));
+        counters.record_step(1, 1, 0, Duration::from_micros(3));
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let by_kind = |of: &[AtomicU64; 3]| StepKind::ALL.map(|k| load(&of[k as usize]));
+        assert_eq!(by_kind(&counters.steps), [2, 1, 1]);
+        assert_eq!(by_kind(&counters.step_nanos), [8_000, 7_000, 11_000]);
+        assert_eq!(load(&counters.step_sequences), 16);
+        assert_eq!(load(&counters.prompt_tokens_computed), 168);
+        assert_eq!(
+            StepKind::ALL.map(StepKind::name),
+            ["decode", "mixed", "prefill"]
+        );
     }
 
     #[test]

@@ -213,6 +213,18 @@ fn sample_gauges(manager: &Manager, known: &std::sync::Mutex<std::collections::H
                 .set(stats.kv_cache_used_bytes as f64);
             ::metrics::counter!("lmx_prompt_tokens_cached_total", "model" => key.clone())
                 .absolute(stats.cached_prompt_tokens);
+            ::metrics::counter!("lmx_prompt_tokens_computed_total", "model" => key.clone())
+                .absolute(stats.prompt_tokens_computed);
+            for kind in crate::engine::StepKind::ALL {
+                let i = kind as usize;
+                ::metrics::counter!("lmx_batch_steps_total", "model" => key.clone(), "kind" => kind.name())
+                    .absolute(stats.steps[i]);
+                // Whole microseconds: a counter holds integers.
+                ::metrics::counter!("lmx_batch_step_microseconds_total", "model" => key.clone(), "kind" => kind.name())
+                    .absolute(stats.step_nanos[i] / 1_000);
+            }
+            ::metrics::counter!("lmx_batch_sequences_total", "model" => key.clone())
+                .absolute(stats.step_sequences);
             seen.insert(key);
         }
     }
