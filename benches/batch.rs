@@ -104,15 +104,11 @@ fn macs_per_token(c: &NativeConfig) -> f64 {
 fn vnni_ceiling() -> Option<f64> {
     #[cfg(target_arch = "x86_64")]
     {
-        let ok = ["avx512f", "avx512bw", "avx512vnni", "fma", "f16c"]
-            .iter()
-            .all(|f| match *f {
-                "avx512f" => is_x86_feature_detected!("avx512f"),
-                "avx512bw" => is_x86_feature_detected!("avx512bw"),
-                "avx512vnni" => is_x86_feature_detected!("avx512vnni"),
-                "fma" => is_x86_feature_detected!("fma"),
-                _ => is_x86_feature_detected!("f16c"),
-            });
+        let ok = is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512vnni")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c");
         if !ok {
             return None;
         }
