@@ -3,7 +3,9 @@
 //!
 //! For N in LMX_BENCH_STREAMS (1,2,4,8,16): N greedy generations of LMX_BENCH_CONC_TOKENS (64)
 //! new tokens, prompts of 64 tokens that differ from the first token on, started together.
-//! Figures, medians over the runs: aggregate decode tok/s = tokens that arrived while every
+//! The stream counts take turns (a round runs each once, in a rotated order; the first round
+//! warms up), so every count is measured over the same stretch of time. Figures, medians over
+//! the runs: aggregate decode tok/s = tokens that arrived while every
 //! stream was decoding (from the last stream's first token to the first stream's last token) /
 //! that time; output tok/s = Σ(tokens − 1) over the streams / (last token of any stream − first
 //! token of any stream), prompts interleaved included; inter-token latency p50/p99 over every
@@ -243,21 +245,28 @@ pub fn lmx(
         Ok(id) => id,
         Err(e) => return failed(e),
     };
-    let mut figures = Vec::new();
-    for &n in &settings.streams {
-        let texts: Vec<&str> = prompts.streams[..n]
-            .iter()
-            .map(|p| p.text.as_str())
-            .collect();
-        let mut runs = Vec::new();
-        for run in 0..=settings.runs {
+    // The stream counts take turns, in a rotated order each round (round 0 warms up), so that
+    // every count's runs spread over the same stretch of time: this host's speed drifts over
+    // minutes, and the ratios to one stream would otherwise compare different moments.
+    let counts = &settings.streams;
+    let mut runs: Vec<Vec<Vec<Sample>>> = vec![Vec::new(); counts.len()];
+    for round in 0..=settings.runs {
+        for k in 0..counts.len() {
+            let i = (k + round) % counts.len();
+            let texts: Vec<&str> = prompts.streams[..counts[i]]
+                .iter()
+                .map(|p| p.text.as_str())
+                .collect();
             match server.generate_many(&model, &texts, settings.new_tokens) {
-                Ok(samples) if run > 0 => runs.push(samples),
+                Ok(samples) if round > 0 => runs[i].push(samples),
                 Ok(_) => {}
                 Err(e) => return failed(e),
             }
         }
-        let f = Figures::from_runs(n, &runs);
+    }
+    let mut figures = Vec::new();
+    for (&n, runs) in counts.iter().zip(&runs) {
+        let f = Figures::from_runs(n, runs);
         eprintln!(
             "speed: {} lmx {n} streams: {:.1} tok/s aggregate, ITL p50 {:.1} ms p99 {:.1} ms",
             weights.label(),
