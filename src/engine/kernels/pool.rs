@@ -65,6 +65,49 @@ struct Shared {
     wake: Condvar,
 }
 
+impl Shared {
+    fn new() -> Shared {
+        Shared {
+            word: AtomicU64::new(pack(0, 0, 0)),
+            done: AtomicUsize::new(0),
+            job: UnsafeCell::new(None),
+            panicked: AtomicBool::new(false),
+            awake: AtomicBool::new(false),
+            ended_at: AtomicU64::new(0),
+            start: Instant::now(),
+            sleepers: AtomicUsize::new(0),
+            lock: Mutex::new(()),
+            wake: Condvar::new(),
+        }
+    }
+}
+
+/// A running session: workers spin while it lives, and when it ends, also by a panic, they
+/// linger and then park (a session left "awake" would keep every worker spinning on an idle
+/// server).
+struct Awake<'a>(&'a Shared);
+
+impl<'a> Awake<'a> {
+    fn begin(shared: &'a Shared) -> Awake<'a> {
+        shared.awake.store(true, Ordering::SeqCst);
+        if shared.sleepers.load(Ordering::SeqCst) > 0 {
+            let _guard = shared.lock.lock().unwrap_or_else(|e| e.into_inner());
+            shared.wake.notify_all();
+        }
+        Awake(shared)
+    }
+}
+
+impl Drop for Awake<'_> {
+    fn drop(&mut self) {
+        let shared = self.0;
+        shared
+            .ended_at
+            .store(shared.start.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        shared.awake.store(false, Ordering::SeqCst);
+    }
+}
+
 // SAFETY: `job` is written only by the pool's owner while no chunk of a job is claimable
 // (before the word publishes it), and read by a thread only after it claimed a chunk of that
 // job, which keeps the owner from writing it again until that chunk is done.
@@ -92,18 +135,7 @@ fn pool() -> &'static Pool {
             .filter(|&n| n > 0)
             .or_else(|| std::thread::available_parallelism().ok().map(|n| n.get()))
             .unwrap_or(1);
-        let shared: &'static Shared = Box::leak(Box::new(Shared {
-            word: AtomicU64::new(pack(0, 0, 0)),
-            done: AtomicUsize::new(0),
-            job: UnsafeCell::new(None),
-            panicked: AtomicBool::new(false),
-            awake: AtomicBool::new(false),
-            ended_at: AtomicU64::new(0),
-            start: Instant::now(),
-            sleepers: AtomicUsize::new(0),
-            lock: Mutex::new(()),
-            wake: Condvar::new(),
-        }));
+        let shared: &'static Shared = Box::leak(Box::new(Shared::new()));
         let mut threads_started = 1;
         for i in 1..threads {
             let spawned = std::thread::Builder::new()
@@ -200,20 +232,11 @@ pub fn session<R>(f: impl FnOnce() -> R) -> R {
             return f();
         }
     };
-    let shared = pool.shared;
-    shared.awake.store(true, Ordering::SeqCst);
-    if shared.sleepers.load(Ordering::SeqCst) > 0 {
-        let _guard = shared.lock.lock().unwrap_or_else(|e| e.into_inner());
-        shared.wake.notify_all();
-    }
     let out = {
+        let _awake = Awake::begin(pool.shared);
         let _mode = ModeGuard::set(1);
         f()
     };
-    shared
-        .ended_at
-        .store(shared.start.elapsed().as_nanos() as u64, Ordering::Relaxed);
-    shared.awake.store(false, Ordering::SeqCst);
     drop(owned);
     out
 }
@@ -403,6 +426,22 @@ mod tests {
             sum.fetch_add(i, Ordering::Relaxed);
         });
         assert_eq!(sum.load(Ordering::Relaxed), 4950);
+    }
+
+    #[test]
+    fn a_session_that_panics_still_lets_the_workers_park() {
+        let shared = Shared::new();
+        let caught = catch_unwind(AssertUnwindSafe(|| {
+            let _awake = Awake::begin(&shared);
+            assert!(shared.awake.load(Ordering::SeqCst));
+            panic!("in the session");
+        }));
+        assert!(caught.is_err());
+        assert!(
+            !shared.awake.load(Ordering::SeqCst),
+            "workers would spin forever"
+        );
+        assert!(shared.ended_at.load(Ordering::Relaxed) > 0);
     }
 
     #[test]
