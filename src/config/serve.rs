@@ -277,13 +277,14 @@ pub struct EngineArgs {
     pub kv_cache_dtype: KvDtypeArg,
 }
 
-/// `--dtype` values.
+/// `--kv-cache-dtype` values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum KvDtypeArg {
     F32,
     F16,
 }
 
+/// `--dtype` values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum DtypeArg {
     F32,

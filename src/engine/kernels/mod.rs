@@ -261,9 +261,12 @@ mod tests {
             (1001, 32, 2),
             (96, 2, 16),
             (1 << 19, 1, 2),
+            // So many threads that the shares shrink slowly: the count runs out and the last
+            // range takes the rest.
+            (1 << 19, 1, 64),
         ] {
-            let (bounds, count) = super::guided_bounds(rows, grain, threads);
-            assert!(count <= super::MAX_RANGES);
+            let (bounds, count) = guided_bounds(rows, grain, threads);
+            assert!(count <= MAX_RANGES);
             assert_eq!((bounds[0], bounds[count]), (0, rows));
             let sizes: Vec<usize> = bounds[..=count].windows(2).map(|w| w[1] - w[0]).collect();
             assert!(sizes.iter().all(|&s| s > 0), "{rows}/{grain}: {sizes:?}");
@@ -273,7 +276,12 @@ mod tests {
             );
             // Each range a share of what is left: never larger than the one before it (the
             // last may take all that remains when the count runs out).
-            let capped = count == super::MAX_RANGES;
+            let capped = count == MAX_RANGES;
+            assert_eq!(
+                capped,
+                threads == 64,
+                "{rows}/{grain}/{threads}: {count} ranges"
+            );
             let shrinking = &sizes[..sizes.len() - usize::from(capped)];
             assert!(
                 shrinking.windows(2).all(|w| w[1] <= w[0]),
