@@ -134,8 +134,8 @@ impl Cache {
 
     /// The cache as it is worth keeping once its sequence ended, and the bytes it then holds
     /// at `per_token` bytes a position: a native cache allocated for far more than it holds is
-    /// copied to its size; a candle cache, which grows by doubling, is kept as it is (charged
-    /// for what it can have allocated).
+    /// copied to its size; a candle cache, which holds blocks of its model's pool, is kept as
+    /// it is (charged for its blocks).
     pub fn keep(self, per_token: u64) -> (Cache, u64) {
         match self {
             Cache::Native(c) => {
@@ -148,8 +148,8 @@ impl Cache {
                 (Cache::Native(c), bytes)
             }
             Cache::Candle(c) => {
-                let held = (2 * c.len()).max(c.len() + 128).min(c.capacity());
-                (Cache::Candle(c), held as u64 * per_token)
+                let held = c.allocated() as u64 * per_token;
+                (Cache::Candle(c), held)
             }
         }
     }

