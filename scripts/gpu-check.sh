@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# Builds, on a machine with no GPU and no CUDA toolkit, the lib's test binary with
-# `--features cuda`, for a check on a machine with an NVIDIA GPU (CUDA 13 driver and runtime
+# Builds, on a machine with no GPU and no CUDA toolkit, the lib's test binary and the GPU bench
+# (benches/gpu.rs) with `--features cuda`, for a check on a machine with an NVIDIA GPU (CUDA 13 driver and runtime
 # libraries there, no Rust toolchain needed). Idempotent; each part is redone only when needed:
 #   .venv-cuda/        CUDA 13.0 nvcc, headers and the libraries to link against, from PyPI
 #   .venv-cuda/cuda/   a CUDA_ROOT assembled from them, with a stub libcuda.so (the driver's
 #                      library, linked by soname libcuda.so.1 and found on the GPU machine)
 #   target-cuda/       the cargo target dir of the cuda build (release profile)
-#   .gpu/              what travels to the GPU machine: lmx-tests.gz (the stripped test binary,
-#                      ~75 MiB, gzipped to ~20: candle's CUDA kernels are most of it) and run.sh
+#   .gpu/              what travels to the GPU machine: lmx-tests.gz and gpu-bench.gz (the
+#                      stripped binaries, ~75 MiB each, gzipped to ~20: candle's CUDA kernels
+#                      are most of them) and run.sh
 # Then prints the command to run there.
 #
 # CUDA 13.0 exactly: the GPU machine's driver (580) runs PTX of CUDA 13.0 at most, and candle
@@ -64,29 +65,43 @@ export PATH=$cuda/bin:$PATH
 export LD_LIBRARY_PATH=$cuda/lib64:$cuda/lib64/stubs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 export CARGO_TARGET_DIR=$root/target-cuda
 
-echo "gpu-check: cargo test --release --features cuda --lib --no-run" >&2
-exe=$(cargo test --locked --release --features cuda --lib --no-run --message-format=json |
+echo "gpu-check: cargo test --release --features cuda --lib --bench gpu --no-run" >&2
+built=$(cargo test --locked --release --features cuda --lib --bench gpu --no-run --message-format=json |
   "$PYTHON" -c '
 import json, sys
 for line in sys.stdin:
     m = json.loads(line)
-    if m.get("reason") == "compiler-artifact" and m.get("executable") \
-            and m["profile"]["test"] and "lib" in m["target"]["kind"]:
-        print(m["executable"])
+    if m.get("reason") == "compiler-artifact" and m.get("executable"):
+        kind = m["target"]["kind"]
+        if "lib" in kind and m["profile"]["test"]:
+            print("lib", m["executable"])
+        elif "bench" in kind and m["target"]["name"] == "gpu":
+            print("bench", m["executable"])
 ')
-[ -n "$exe" ] || { echo "gpu-check: no test executable built" >&2; exit 1; }
+exe=$(awk '$1 == "lib" {print $2}' <<<"$built")
+bench=$(awk '$1 == "bench" {print $2}' <<<"$built")
+[ -n "$exe" ] && [ -n "$bench" ] || { echo "gpu-check: the test or bench executable was not built" >&2; exit 1; }
 
 mkdir -p .gpu
-rm -f .gpu/lmx-tests .gpu/lmx-tests.gz
+rm -f .gpu/lmx-tests .gpu/lmx-tests.gz .gpu/gpu-bench.gz
 strip -o target-cuda/lmx-tests "$exe"
 gzip -6 -c target-cuda/lmx-tests > .gpu/lmx-tests.gz
+strip -o target-cuda/gpu-bench "$bench"
+gzip -6 -c target-cuda/gpu-bench > .gpu/gpu-bench.gz
 cat > .gpu/run.sh <<'EOF'
 #!/usr/bin/env bash
 # On the GPU machine: puts the CUDA 13 libraries lmx-tests links (wherever that machine's
 # PyTorch wheels or toolkit keep them) on LD_LIBRARY_PATH, then runs it with the GPU required.
+#   run.sh tests [libtest args]   the lib's tests (the cuda_ ones on the GPU)
+#   run.sh bench                  benches/gpu.rs (env GPU_BENCH_*), from the repo root
 here=$(cd "$(dirname "$0")" && pwd)
-exe=/tmp/lmx-tests
-gzip -dc "$here/lmx-tests.gz" > "$exe" && chmod +x "$exe" || exit 1
+what=${1:-tests}; shift || true
+case $what in
+  tests) exe=/tmp/lmx-tests; gz=$here/lmx-tests.gz ;;
+  bench) exe=/tmp/gpu-bench; gz=$here/gpu-bench.gz ;;
+  *) echo "run.sh: tests or bench, not $what" >&2; exit 2 ;;
+esac
+gzip -dc "$gz" > "$exe" && chmod +x "$exe" || exit 1
 dirs=
 for lib in libcublas.so.13 libcublasLt.so.13 libcurand.so.10 libnvrtc.so.13 libcudart.so.13 libcuda.so.1; do
   if ldconfig -p 2>/dev/null | grep -q "$lib "; then continue; fi
@@ -98,19 +113,22 @@ export LD_LIBRARY_PATH=$dirs${dirs:+${LD_LIBRARY_PATH:+:}}${LD_LIBRARY_PATH:-}
 echo "run.sh: LD_LIBRARY_PATH=$LD_LIBRARY_PATH" >&2
 if ldd "$exe" | grep 'not found' >&2; then exit 127; fi
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader >&2 || true
+if [ "$what" = bench ]; then exec "$exe"; fi
 LMX_REQUIRE_CUDA=1 exec "$exe" "$@"
 EOF
 chmod +x .gpu/run.sh
 
-size=$(stat -c %s .gpu/lmx-tests.gz)
-echo "gpu-check: .gpu/lmx-tests.gz is $((size / 1024 / 1024)) MiB ($(($(stat -c %s target-cuda/lmx-tests) / 1024 / 1024)) MiB unpacked, from $exe)" >&2
+size=$(($(stat -c %s .gpu/lmx-tests.gz) + $(stat -c %s .gpu/gpu-bench.gz)))
+echo "gpu-check: .gpu/lmx-tests.gz and gpu-bench.gz are $((size / 1024 / 1024)) MiB together (from $exe and $bench)" >&2
 if [ "$size" -gt $((60 * 1024 * 1024)) ]; then
   echo "gpu-check: over 60 MiB; it will not travel" >&2
   exit 1
 fi
 cat <<'EOF'
 On the GPU machine (device tool `run`, carry [".gpu"], timeout_s 300), from the repo root:
-  bash .gpu/run.sh --test-threads 1 --nocapture candle_batched
-It runs every test of src/engine/native/candle_batched (the cuda_ ones on the GPU, which
-LMX_REQUIRE_CUDA=1 turns from skips into failures when the GPU cannot be used).
+  bash .gpu/run.sh tests --test-threads 1 --nocapture cuda
+  bash .gpu/run.sh bench
+The first runs every cuda_ test of the lib (on the GPU; LMX_REQUIRE_CUDA=1 turns their skips
+into failures when the GPU cannot be used); the second, benches/gpu.rs against PyTorch +
+transformers (scripts/gpu_peer.py, with the machine's python3).
 EOF

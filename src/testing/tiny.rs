@@ -218,6 +218,50 @@ pub fn write_model_with(dir: &Path, arch: &str, seed: u64, edit: impl FnOnce(&mu
     write_tokenizer_files(dir);
 }
 
+/// A random model of `arch` in a real model's shape, for benchmarks: `overrides` replace fields
+/// of the tiny config.json before the weights are built (hidden size, layers, heads, vocabulary
+/// …). The embedding rows (and output rows, when untied) of the end-of-sequence tokens are
+/// zeroed: their logits are then exactly 0, far below the largest of the other random logits, so
+/// greedy decoding never ends a stream before its `max_tokens`. Token ids past the tokenizer's
+/// 259 decode to nothing, as a real model's padding rows do.
+pub fn write_shaped_model(dir: &Path, arch: &str, seed: u64, overrides: &Value) {
+    std::fs::create_dir_all(dir).expect("model folder");
+    let mut config = config(arch);
+    for (k, v) in overrides.as_object().expect("overrides: a JSON object") {
+        config[k] = v.clone();
+    }
+    let varmap = build_varmap(arch, &config).expect("build shaped model");
+    fill_deterministic(&varmap, seed).expect("fill shaped weights");
+    {
+        let data = varmap.data().lock().expect("varmap lock");
+        for name in ["model.embed_tokens.weight", "lm_head.weight"] {
+            let Some(var) = data.get(name) else { continue };
+            let mut rows = var.to_dtype(DType::F32).unwrap().to_vec2::<f32>().unwrap();
+            for eos in [ENDOFTEXT, IM_END] {
+                rows[eos as usize].fill(0.0);
+            }
+            let shape = var.shape().clone();
+            let flat: Vec<f32> = rows.into_iter().flatten().collect();
+            var.set(&Tensor::from_vec(flat, shape, &Device::Cpu).unwrap())
+                .unwrap();
+        }
+    }
+    varmap
+        .save(dir.join("model.safetensors"))
+        .expect("save shaped weights");
+    std::fs::write(
+        dir.join("config.json"),
+        serde_json::to_vec_pretty(&config).unwrap(),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("generation_config.json"),
+        serde_json::to_vec(&json!({"eos_token_id": [IM_END, ENDOFTEXT]})).unwrap(),
+    )
+    .unwrap();
+    write_tokenizer_files(dir);
+}
+
 /// Writes a tiny random BERT embedding model (mean pooling) into `dir`.
 pub fn write_bert(dir: &Path, seed: u64) {
     std::fs::create_dir_all(dir.join("1_Pooling")).expect("model folder");
