@@ -23,6 +23,7 @@ use super::{
     arch::CausalLm,
     batch::{Buffers, Cache, Part, Shared},
     embed::{Embedder, Embeddings},
+    native::candle_batched::BLOCK,
     prefix::{self, PrefixStore},
     sampling::Sampler,
     text::{StopMatcher, StopOutcome, TextStream},
@@ -354,6 +355,15 @@ impl Worker {
             } => Shared::of(base.as_ref()),
             _ => None,
         };
+        if let Some(Shared::Candle(model)) = &batched {
+            // The budget in positions, in blocks, plus each running sequence's last partial one.
+            let positions = self.kv.budget / self.kv.per_token.max(1);
+            let blocks = usize::try_from(positions)
+                .unwrap_or(usize::MAX)
+                .div_ceil(BLOCK)
+                .saturating_add(self.max_concurrent);
+            model.pool().cap_growth(blocks);
+        }
         let mut batch = batched.map(|model| Batch {
             model,
             buffers: Buffers::default(),

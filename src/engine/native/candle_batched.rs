@@ -843,6 +843,8 @@ struct PoolInner {
     blocks: usize,
     /// Free block ids, the lowest last.
     free: Vec<u32>,
+    /// The most blocks growing ahead of need may reach (what the KV budget can ever ask).
+    cap: Option<usize>,
     n_layers: usize,
     kv_heads: usize,
     head_dim: usize,
@@ -857,6 +859,7 @@ impl KvPool {
                 layers: Vec::new(),
                 blocks: 0,
                 free: Vec::new(),
+                cap: None,
                 n_layers: config.layers,
                 kv_heads: config.kv_heads,
                 head_dim: config.head_dim,
@@ -868,6 +871,13 @@ impl KvPool {
 
     fn lock(&self) -> MutexGuard<'_, PoolInner> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Keeps the pool's growth ahead of need within `blocks` (the caches can still take more
+    /// when they ask for it): the worker sets what its KV budget can hold, so a pool grown by
+    /// half does not take device memory the budget never grants.
+    pub fn cap_growth(&self, blocks: usize) {
+        self.lock().cap = Some(blocks);
     }
 
     /// Blocks in the pool (free or not).
@@ -885,8 +895,9 @@ impl PoolInner {
     /// `n` blocks, growing the pool when fewer are free.
     fn take(&mut self, n: usize) -> CResult<Vec<u32>> {
         if self.free.len() < n {
-            let target = (self.blocks + n - self.free.len()).max(self.blocks + self.blocks / 2);
-            self.grow(target)?;
+            let need = self.blocks + n - self.free.len();
+            let ahead = (self.blocks + self.blocks / 2).min(self.cap.unwrap_or(usize::MAX));
+            self.grow(need.max(ahead))?;
         }
         Ok((0..n)
             .map(|_| self.free.pop().expect("grown to fit"))

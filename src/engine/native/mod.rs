@@ -11,7 +11,7 @@
 //! The model runs any number of sequences in one call ([`Model::forward`] takes a slice of
 //! [`Step`]s), which is what continuous batching builds on.
 
-mod candle_batched;
+pub mod candle_batched;
 mod config;
 mod model;
 mod weights;

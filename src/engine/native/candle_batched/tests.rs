@@ -365,6 +365,43 @@ fn batched_decoding_across_blocks(device: &Device, tolerance: f32) {
     }
 }
 
+/// The pool grows by half ahead of need, within the cap the worker sets from its KV budget,
+/// and always by what is asked; blocks come back when caches drop.
+#[test]
+fn the_pool_grows_by_half_ahead_of_need_within_its_cap() {
+    let dir = tempfile::tempdir().unwrap();
+    tiny::write_model(dir.path(), "llama", 23);
+    let model = candle_model(dir.path(), DType::F32, &Device::Cpu);
+    let pool = model.pool();
+    let tokens = |n: usize| -> Vec<u32> { (0..n).map(|i| (i * 13 % 250) as u32).collect() };
+    let mut caches: Vec<CandleCache> = (0..4)
+        .map(|_| CandleCache::new(&model, 8 * BLOCK))
+        .collect();
+    let grow = |i: usize, n: usize, caches: &mut [CandleCache]| {
+        call(&model, vec![(&tokens(n), &mut caches[i])]);
+        (pool.blocks(), pool.free_blocks())
+    };
+    assert_eq!(
+        grow(0, 4 * BLOCK, &mut caches),
+        (4, 0),
+        "exactly what is asked first"
+    );
+    assert_eq!(grow(1, 1, &mut caches), (6, 1), "then by half");
+    pool.cap_growth(7);
+    assert_eq!(
+        grow(2, 2 * BLOCK, &mut caches),
+        (7, 0),
+        "by half, but not past the cap"
+    );
+    assert_eq!(
+        grow(3, 1, &mut caches),
+        (8, 0),
+        "past the cap only by what is asked"
+    );
+    drop(caches);
+    assert_eq!((pool.blocks(), pool.free_blocks()), (8, 8));
+}
+
 #[test]
 fn a_prompt_in_chunks_equals_the_prompt_at_once() {
     let dir = tempfile::tempdir().unwrap();
