@@ -550,7 +550,7 @@ impl CandleModel {
         for &i in &order {
             let s = &steps[i];
             let (start, n) = (s.cache.len, s.tokens.len());
-            write.extend_from_slice(&s.cache.rows(start + n)[start..]);
+            write.extend(s.cache.rows(start..start + n));
         }
         let write = Tensor::from_vec(write, (total, 1, 1), dev)?
             .broadcast_as((total, kvh, hd))?
@@ -643,13 +643,7 @@ impl CandleModel {
     ) -> CResult<Tensor> {
         let hd = self.config.head_dim;
         let seqs = q.dim(0)?;
-        let gather = |t: &Tensor| -> CResult<Tensor> {
-            t.index_select(&b.read, 0)?
-                .reshape((seqs, b.longest, kvh, hd))?
-                .to_dtype(DType::F32)?
-                .transpose(1, 2)?
-                .contiguous()
-        };
+        let gather = |t| gather_rows(t, &b.read, (seqs, b.longest, kvh, hd));
         let (keys, values) = (gather(keys)?, gather(values)?);
         let q = (q.reshape((seqs, kvh, group, hd))?.to_dtype(DType::F32)?
             * (1.0 / (hd as f64).sqrt()))?;
@@ -680,13 +674,7 @@ impl CandleModel {
     ) -> CResult<Tensor> {
         let hd = self.config.head_dim;
         let (chunks, n, len) = (b.chunks, b.longest_chunk, b.longest_context);
-        let gather = |t: &Tensor| -> CResult<Tensor> {
-            t.index_select(&b.read, 0)?
-                .reshape((chunks, len, kvh, hd))?
-                .to_dtype(DType::F32)?
-                .transpose(1, 2)?
-                .contiguous()
-        };
+        let gather = |t| gather_rows(t, &b.read, (chunks, len, kvh, hd));
         let (keys, values) = (gather(keys)?, gather(values)?);
         // Rows (key/value head h, group g, query i) of each chunk.
         let q = q
@@ -717,6 +705,20 @@ impl CandleModel {
     }
 }
 
+/// `batch × len` pool rows of `t` (`read`, flat) as `batch × kv_heads × len × head_dim`, in
+/// f32: one sequence's (or chunk's) keys or values a batch entry.
+fn gather_rows(
+    t: &Tensor,
+    read: &Tensor,
+    (batch, len, kvh, hd): (usize, usize, usize, usize),
+) -> CResult<Tensor> {
+    t.index_select(read, 0)?
+        .reshape((batch, len, kvh, hd))?
+        .to_dtype(DType::F32)?
+        .transpose(1, 2)?
+        .contiguous()
+}
+
 /// What the decoding sequences of a step read and write, the same in every layer.
 struct DecodeBatch {
     /// `seqs × longest` rows to gather (a sequence's own row 0 pads it).
@@ -734,7 +736,7 @@ impl DecodeBatch {
         let mut masked = false;
         for (i, cache) in seqs.iter().enumerate() {
             let kv_len = cache.len + 1;
-            let rows = cache.rows(kv_len);
+            let rows: Vec<u32> = cache.rows(0..kv_len).collect();
             read.extend_from_slice(&rows);
             read.extend(std::iter::repeat_n(rows[0], longest - kv_len));
             let lo = window.map_or(0, |w| kv_len.saturating_sub(w));
@@ -793,7 +795,7 @@ impl ChunkBatch {
         let mut offset = first;
         for (c, &(k, cache)) in parts.iter().enumerate() {
             let start = cache.len;
-            let rows = cache.rows(start + k);
+            let rows: Vec<u32> = cache.rows(0..start + k).collect();
             read.extend_from_slice(&rows);
             read.extend(std::iter::repeat_n(rows[0], len - rows.len()));
             for i in 0..n {
@@ -841,7 +843,7 @@ pub struct KvPool {
 struct PoolInner {
     layers: Vec<(Tensor, Tensor)>,
     blocks: usize,
-    /// Free block ids, the lowest last.
+    /// Free block ids, a stack (the last one given back is taken first).
     free: Vec<u32>,
     /// The most blocks growing ahead of need may reach (what the KV budget can ever ask).
     cap: Option<usize>,
@@ -923,15 +925,13 @@ impl PoolInner {
             layers.push((grown(old.map(|l| &l.0))?, grown(old.map(|l| &l.1))?));
         }
         self.layers = layers;
-        self.free.extend(self.blocks as u32..blocks as u32);
-        self.free.sort_unstable_by(|a, b| b.cmp(a));
+        self.free.extend((self.blocks as u32..blocks as u32).rev());
         self.blocks = blocks;
         Ok(())
     }
 
     fn give(&mut self, blocks: impl IntoIterator<Item = u32>) {
         self.free.extend(blocks);
-        self.free.sort_unstable_by(|a, b| b.cmp(a));
     }
 }
 
@@ -985,11 +985,9 @@ impl CandleCache {
         }
     }
 
-    /// The pool rows of positions `0..n`.
-    fn rows(&self, n: usize) -> Vec<u32> {
-        (0..n)
-            .map(|p| self.blocks[p / BLOCK] * BLOCK as u32 + (p % BLOCK) as u32)
-            .collect()
+    /// The pool rows of `positions`.
+    fn rows(&self, positions: std::ops::Range<usize>) -> impl Iterator<Item = u32> + '_ {
+        positions.map(|p| self.blocks[p / BLOCK] * BLOCK as u32 + (p % BLOCK) as u32)
     }
 
     /// Positions `start..start + n` as runs of consecutive rows: `(first row, offset from
@@ -1045,7 +1043,7 @@ impl CandleCache {
         let mut pool = pool.lock();
         let copy = |this: &mut Self, pool: &mut PoolInner| -> CResult<()> {
             this.reserve(pool, n)?;
-            let from = Tensor::from_vec(other.rows(n), n, &pool.device)?;
+            let from = Tensor::from_vec(other.rows(0..n).collect(), n, &pool.device)?;
             let segments = this.segments(0, n);
             for (k, v) in &pool.layers {
                 for t in [k, v] {
