@@ -32,6 +32,12 @@ use candle_core::DType;
 use lmx::engine::{self, Engine, LoadOptions, Prompt, RawParams, StreamEvent};
 use serde_json::{json, Value};
 
+// The speed bench's records and figures, so both benches define them alike.
+#[allow(dead_code)]
+#[path = "speed/measure.rs"]
+mod measure;
+use measure::{median, output_tps, percentile, steady_tps, Sample};
+
 fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name)
         .ok()
@@ -53,46 +59,6 @@ fn shape(name: &str) -> Option<Value> {
             "max_position_embeddings": 2048, "tie_word_embeddings": false
         })),
         _ => None,
-    }
-}
-
-/// One stream: seconds from the common start to each token.
-struct Sample {
-    times: Vec<f64>,
-}
-
-fn percentile(mut v: Vec<f64>, p: f64) -> f64 {
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v.sort_by(f64::total_cmp);
-    v[(((p / 100.0) * (v.len() - 1) as f64).round() as usize).min(v.len() - 1)]
-}
-
-fn median(v: Vec<f64>) -> f64 {
-    percentile(v, 50.0)
-}
-
-/// Tokens that arrived while every stream decoded (after the last first token, up to the first
-/// last token), over that time.
-fn steady_tps(run: &[Sample]) -> f64 {
-    let start = run
-        .iter()
-        .filter_map(|s| s.times.first())
-        .fold(0.0, |a: f64, &b| a.max(b));
-    let end = run
-        .iter()
-        .filter_map(|s| s.times.last())
-        .fold(f64::INFINITY, |a, &b| a.min(b));
-    let tokens = run
-        .iter()
-        .flat_map(|s| &s.times)
-        .filter(|&&t| t > start && t <= end)
-        .count();
-    if end > start {
-        tokens as f64 / (end - start)
-    } else {
-        f64::NAN
     }
 }
 
@@ -131,16 +97,24 @@ fn run_streams(engine: &Arc<dyn Engine>, prompts: &[String], tokens: usize) -> V
                     add_special_tokens: false,
                 };
                 let mut rx = engine.generate(prompt, &params).expect("generate");
-                let mut times = Vec::with_capacity(tokens);
+                let (mut token_times, mut token_ids) = (Vec::new(), Vec::new());
                 loop {
                     match rx.blocking_recv() {
-                        Some(StreamEvent::Token(_)) => times.push(start.elapsed().as_secs_f64()),
-                        Some(StreamEvent::Done(_)) => break,
+                        Some(StreamEvent::Token(t)) => {
+                            token_times.push(start.elapsed().as_secs_f64());
+                            token_ids.push(t.id);
+                        }
+                        Some(StreamEvent::Done(done)) => {
+                            break Sample {
+                                token_times,
+                                token_ids,
+                                prompt_tokens: done.prompt_tokens,
+                            }
+                        }
                         Some(StreamEvent::Failed(e)) => panic!("stream failed: {e}"),
                         None => panic!("the engine dropped a stream"),
                     }
                 }
-                Sample { times }
             })
         })
         .collect();
@@ -161,35 +135,18 @@ fn figures(runs: &[Vec<Sample>]) -> Figures {
     let gaps: Vec<f64> = runs
         .iter()
         .flatten()
-        .flat_map(|s| s.times.windows(2).map(|w| w[1] - w[0]))
+        .flat_map(|s| s.token_times.windows(2).map(|w| w[1] - w[0]))
         .collect();
-    let output = |run: &Vec<Sample>| {
-        let tokens: usize = run.iter().map(|s| s.times.len().saturating_sub(1)).sum();
-        let first = run
-            .iter()
-            .filter_map(|s| s.times.first())
-            .fold(f64::INFINITY, |a, &b| a.min(b));
-        let last = run
-            .iter()
-            .filter_map(|s| s.times.last())
-            .fold(0.0, |a: f64, &b| a.max(b));
-        tokens as f64 / (last - first)
-    };
     Figures {
         tps: median(runs.iter().map(|r| steady_tps(r)).collect()),
-        output_tps: median(runs.iter().map(output).collect()),
+        output_tps: median(runs.iter().map(|r| output_tps(r)).collect()),
         itl_p50_ms: percentile(gaps.clone(), 50.0) * 1e3,
         itl_p99_ms: percentile(gaps, 99.0) * 1e3,
-        ttft_ms: median(
-            runs.iter()
-                .flatten()
-                .filter_map(|s| s.times.first().copied())
-                .collect(),
-        ) * 1e3,
+        ttft_ms: median(runs.iter().flatten().map(Sample::ttft).collect()) * 1e3,
         tokens: runs
             .iter()
             .flatten()
-            .map(|s| s.times.len())
+            .map(|s| s.token_times.len())
             .min()
             .unwrap_or(0),
     }
@@ -348,8 +305,8 @@ fn bench_shape(name: &str, overrides: &Value, counts: &[usize]) {
         "## {name} ({dtype_name} on {device}, random weights), {prompt_len}-token prompts, {tokens} new tokens a stream, {rounds} rounds"
     );
     println!();
-    println!("| streams | lmx tok/s | vs 1 | output tok/s | ITL p50 / p99 | p99 / 1-stream p50 | TTFT | transformers tok/s | vs 1 | lmx / transformers |");
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("| streams | lmx tok/s | vs 1 | output tok/s | ITL p50 / p99 | p99 / 1-stream p50 | TTFT | transformers tok/s | vs 1 | transformers TTFT | lmx / transformers |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     let (one, peer_one) = (ours[0].tps, theirs[0].map(|p| p.0));
     let one_p50 = ours[0].itl_p50_ms;
     for (i, (n, f)) in counts.iter().zip(&ours).enumerate() {
@@ -358,16 +315,17 @@ fn bench_shape(name: &str, overrides: &Value, counts: &[usize]) {
         } else {
             String::new()
         };
-        let (peer_tps, peer_vs, vs_peer) = match (theirs[i], peer_one) {
-            (Some((p, _)), Some(p1)) => (
+        let (peer_tps, peer_vs, peer_ttft, vs_peer) = match (theirs[i], peer_one) {
+            (Some((p, ttft)), Some(p1)) => (
                 format!("{p:.1}"),
                 format!("{:.2}x", p / p1),
+                format!("{ttft:.0} ms"),
                 format!("{:.2}x", f.tps / p),
             ),
-            _ => ("n/a".into(), "n/a".into(), "n/a".into()),
+            _ => ("n/a".into(), "n/a".into(), "n/a".into(), "n/a".into()),
         };
         println!(
-            "| {n} | {:.1}{short} | {:.2}x | {:.1} | {:.1} / {:.1} ms | {:.2}x | {:.0} ms | {peer_tps} | {peer_vs} | {vs_peer} |",
+            "| {n} | {:.1}{short} | {:.2}x | {:.1} | {:.1} / {:.1} ms | {:.2}x | {:.0} ms | {peer_tps} | {peer_vs} | {peer_ttft} | {vs_peer} |",
             f.tps,
             f.tps / one,
             f.output_tps,

@@ -22,7 +22,7 @@ use std::path::Path;
 
 use crate::{
     lmx_local::{ExactPrompt, Local},
-    measure::{median, Sample},
+    measure::{median, output_tps, percentile, steady_tps, Sample},
     peers::Peers,
     report::Weights,
     server::Server,
@@ -104,37 +104,6 @@ pub struct Figures {
     pub ttft_max_ms: f64,
 }
 
-fn percentile(mut values: Vec<f64>, p: f64) -> f64 {
-    if values.is_empty() {
-        return f64::NAN;
-    }
-    values.sort_by(f64::total_cmp);
-    let rank = ((p / 100.0) * (values.len() - 1) as f64).round() as usize;
-    values[rank.min(values.len() - 1)]
-}
-
-/// Tokens per second while every stream of `run` was decoding: tokens that arrived after the
-/// last stream's first token, up to the first stream's last token, over that time.
-fn steady_tps(run: &[Sample]) -> f64 {
-    let start = run
-        .iter()
-        .filter_map(|s| s.token_times.first())
-        .fold(0.0, |a: f64, &b| a.max(b));
-    let end = run
-        .iter()
-        .filter_map(|s| s.token_times.last())
-        .fold(f64::INFINITY, |a, &b| a.min(b));
-    if end <= start {
-        return f64::NAN;
-    }
-    let tokens = run
-        .iter()
-        .flat_map(|s| &s.token_times)
-        .filter(|&&t| t > start && t <= end)
-        .count();
-    tokens as f64 / (end - start)
-}
-
 fn gaps(sample: &Sample) -> impl Iterator<Item = f64> + '_ {
     sample.token_times.windows(2).map(|w| w[1] - w[0])
 }
@@ -143,24 +112,7 @@ impl Figures {
     /// From the runs of `streams` concurrent streams (each run: one sample per stream).
     pub fn from_runs(streams: usize, runs: &[Vec<Sample>]) -> Figures {
         let steady = runs.iter().map(|run| steady_tps(run)).collect();
-        let output = runs
-            .iter()
-            .map(|run| {
-                let tokens: usize = run
-                    .iter()
-                    .map(|s| s.token_times.len().saturating_sub(1))
-                    .sum();
-                let first = run
-                    .iter()
-                    .filter_map(|s| s.token_times.first())
-                    .fold(f64::INFINITY, |a, &b| a.min(b));
-                let last = run
-                    .iter()
-                    .filter_map(|s| s.token_times.last())
-                    .fold(0.0, |a: f64, &b| a.max(b));
-                tokens as f64 / (last - first)
-            })
-            .collect();
+        let output = runs.iter().map(|run| output_tps(run)).collect();
         let all_gaps: Vec<f64> = runs.iter().flatten().flat_map(gaps).collect();
         let ttfts: Vec<f64> = runs.iter().flatten().map(Sample::ttft).collect();
         Figures {

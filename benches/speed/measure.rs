@@ -31,6 +31,56 @@ impl Sample {
     }
 }
 
+/// The `p`th percentile (nearest rank) of `values`; NaN when there are none.
+pub fn percentile(mut values: Vec<f64>, p: f64) -> f64 {
+    if values.is_empty() {
+        return f64::NAN;
+    }
+    values.sort_by(f64::total_cmp);
+    let rank = ((p / 100.0) * (values.len() - 1) as f64).round() as usize;
+    values[rank.min(values.len() - 1)]
+}
+
+/// Tokens per second while every stream of `run` was decoding: tokens that arrived after the
+/// last stream's first token, up to the first stream's last token, over that time.
+pub fn steady_tps(run: &[Sample]) -> f64 {
+    let start = run
+        .iter()
+        .filter_map(|s| s.token_times.first())
+        .fold(0.0, |a: f64, &b| a.max(b));
+    let end = run
+        .iter()
+        .filter_map(|s| s.token_times.last())
+        .fold(f64::INFINITY, |a, &b| a.min(b));
+    if end <= start {
+        return f64::NAN;
+    }
+    let tokens = run
+        .iter()
+        .flat_map(|s| &s.token_times)
+        .filter(|&&t| t > start && t <= end)
+        .count();
+    tokens as f64 / (end - start)
+}
+
+/// Every token after each stream's first, over the time from the run's first token to its last
+/// (prompts that arrived meanwhile included).
+pub fn output_tps(run: &[Sample]) -> f64 {
+    let tokens: usize = run
+        .iter()
+        .map(|s| s.token_times.len().saturating_sub(1))
+        .sum();
+    let first = run
+        .iter()
+        .filter_map(|s| s.token_times.first())
+        .fold(f64::INFINITY, |a, &b| a.min(b));
+    let last = run
+        .iter()
+        .filter_map(|s| s.token_times.last())
+        .fold(0.0, |a: f64, &b| a.max(b));
+    tokens as f64 / (last - first)
+}
+
 /// Medians over the measured runs of one engine on one weight set.
 #[derive(Debug, Clone, Copy)]
 pub struct Figures {

@@ -197,25 +197,10 @@ pub fn write_model(dir: &Path, arch: &str, seed: u64) {
 
 /// [`write_model`] with a last edit of config.json.
 pub fn write_model_with(dir: &Path, arch: &str, seed: u64, edit: impl FnOnce(&mut Value)) {
-    std::fs::create_dir_all(dir).expect("model folder");
     let mut config = config(arch);
-    let varmap = build_varmap(arch, &config).expect("build tiny model");
-    fill_deterministic(&varmap, seed).expect("fill tiny weights");
-    varmap
-        .save(dir.join("model.safetensors"))
-        .expect("save tiny weights");
+    let varmap = filled_varmap(dir, arch, &config, seed);
     edit(&mut config);
-    std::fs::write(
-        dir.join("config.json"),
-        serde_json::to_vec_pretty(&config).unwrap(),
-    )
-    .unwrap();
-    std::fs::write(
-        dir.join("generation_config.json"),
-        serde_json::to_vec(&json!({"eos_token_id": [IM_END, ENDOFTEXT]})).unwrap(),
-    )
-    .unwrap();
-    write_tokenizer_files(dir);
+    save_model(dir, &varmap, &config);
 }
 
 /// A random model of `arch` in a real model's shape, for benchmarks: `overrides` replace fields
@@ -225,13 +210,11 @@ pub fn write_model_with(dir: &Path, arch: &str, seed: u64, edit: impl FnOnce(&mu
 /// greedy decoding never ends a stream before its `max_tokens`. Token ids past the tokenizer's
 /// 259 decode to nothing, as a real model's padding rows do.
 pub fn write_shaped_model(dir: &Path, arch: &str, seed: u64, overrides: &Value) {
-    std::fs::create_dir_all(dir).expect("model folder");
     let mut config = config(arch);
     for (k, v) in overrides.as_object().expect("overrides: a JSON object") {
         config[k] = v.clone();
     }
-    let varmap = build_varmap(arch, &config).expect("build shaped model");
-    fill_deterministic(&varmap, seed).expect("fill shaped weights");
+    let varmap = filled_varmap(dir, arch, &config, seed);
     {
         let data = varmap.data().lock().expect("varmap lock");
         for name in ["model.embed_tokens.weight", "lm_head.weight"] {
@@ -246,12 +229,25 @@ pub fn write_shaped_model(dir: &Path, arch: &str, seed: u64, overrides: &Value) 
                 .unwrap();
         }
     }
+    save_model(dir, &varmap, &config);
+}
+
+/// Creates `dir` and the weights of `config`, filled from `seed`.
+fn filled_varmap(dir: &Path, arch: &str, config: &Value, seed: u64) -> VarMap {
+    std::fs::create_dir_all(dir).expect("model folder");
+    let varmap = build_varmap(arch, config).expect("build the model");
+    fill_deterministic(&varmap, seed).expect("fill the weights");
+    varmap
+}
+
+/// Writes model.safetensors, config.json, generation_config.json and the tokenizer files.
+fn save_model(dir: &Path, varmap: &VarMap, config: &Value) {
     varmap
         .save(dir.join("model.safetensors"))
-        .expect("save shaped weights");
+        .expect("save the weights");
     std::fs::write(
         dir.join("config.json"),
-        serde_json::to_vec_pretty(&config).unwrap(),
+        serde_json::to_vec_pretty(config).unwrap(),
     )
     .unwrap();
     std::fs::write(
